@@ -1,0 +1,78 @@
+"""The service's settings, read from `ENRICH_*` environment variables (`__` nests).
+
+Secrets (the broker and database passwords, S3 keys) come from the environment only:
+S3 credentials through boto3's own chain (`AWS_ACCESS_KEY_ID`, a role, ...), never from here.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class SegmentationBackendName(StrEnum):
+    TORCHVISION = "torchvision"
+    DETECTRON2 = "detectron2"
+
+
+class ModelSettings(BaseModel):
+    segmentation_backend: SegmentationBackendName = SegmentationBackendName.TORCHVISION
+    segmenter_dir: Path = REPO_ROOT / "models" / "segmenter"
+    tagger_dir: Path = REPO_ROOT / "models" / "tagger"
+    embedding_dir: Path | None = Field(
+        default=None,
+        description="A transformers model folder; unset means the packaged all-MiniLM-L6-v2.",
+    )
+    device: str | None = Field(default=None, description="cuda, cuda:1 or cpu; unset picks CUDA.")
+    mask_score_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Overrides the segmenter's own threshold."
+    )
+
+
+class S3Settings(BaseModel):
+    endpoint_url: str | None = Field(default=None, description="Unset means AWS itself.")
+    region: str = "us-east-1"
+    mask_bucket: str = "enrichment-masks"
+    image_buckets: list[str] = Field(
+        default_factory=list, description="Buckets images may be read from; empty allows any."
+    )
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+
+
+class ImageSettings(BaseModel):
+    https_hosts: list[str] = Field(
+        default_factory=list, description="Hosts https image URLs may name; empty allows none."
+    )
+    max_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    timeout_s: float = 20.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ENRICH_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672//")
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/enrichment")
+    exchange: str = Field(default="catalog", description="Topic exchange events travel on.")
+    intake_queue: str = "enrichment.product_created"
+    task_queue: str = "enrichment.tasks"
+    dead_letter_queue: str = "enrichment.dead_letter"
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    log_json: bool | None = Field(default=None, description="Unset means JSON off a terminal.")
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
