@@ -1,0 +1,1 @@
+"""Model stages: segmentation, tagging and embedding. None of them imports Celery."""
