@@ -1,0 +1,1 @@
+"""Celery glue: app, tasks, event intake, stores and the command line."""

@@ -1,0 +1,1 @@
+"""Postgres, S3 and image stores."""
