@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from schemas.events import (
+    EmbeddingInfo,
+    EnrichmentCompleted,
+    EventType,
+    ImageResult,
+    LabelResult,
+    MaskResult,
+    ModelVersions,
+    ProductCreated,
+    Status,
+)
+from tests.schemas.test_events import product_payload
+from worker.local import LocalStack
+from worker.stores import database
+
+VERSIONS = ModelVersions(segmentation="seg@1", tagging="tag@1", embedding="emb@1")
+
+
+def rows_for(
+    product_id: str, vector: np.ndarray, versions: ModelVersions = VERSIONS
+) -> database.EnrichmentRows:
+    product = ProductCreated.model_validate(product_payload(product_id=product_id))
+    image = ImageResult(
+        url=product.images[0].url, image_sha256="ab" * 32, width=40, height=30,
+        masks=[MaskResult(label="jeans", score=0.9, box=(1, 2, 30, 28), area=500,
+                          uri="s3://masks/m/0.png")],
+        labels=[LabelResult(label="jeans", score=0.8), LabelResult(label="shoes", score=0.3)],
+    )
+    completed = EnrichmentCompleted(
+        event_type=EventType.PRODUCT_ENRICHED, causation_id=product.event_id,
+        product_id=product_id, status=Status.ENRICHED, images=[image],
+        embedding=EmbeddingInfo(model_id="emb", dimension=len(vector)), model_versions=versions,
+    )
+    return database.EnrichmentRows(product=product, completed=completed,
+                                   embedding=vector.astype(np.float32))
+
+
+@pytest.fixture
+def conn(stack: LocalStack):  # type: ignore[no-untyped-def]
+    with database.connect(stack.settings.database_url.get_secret_value()) as connection:
+        yield connection
+
+
+def test_migrations_run_twice_at_once_apply_each_migration_once(stack: LocalStack) -> None:
+    url = stack.settings.database_url.get_secret_value()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda _: database.migrate(url), range(2)))
+
+    assert results == [[], []]  # the stack migrated already; both runs find nothing to do
+    with database.connect(url) as conn:
+        names = [row[0] for row in conn.execute("SELECT name FROM schema_migrations")]
+    assert names == ["0001_initial.sql"]
+
+
+def test_writes_a_products_rows_in_one_transaction(conn) -> None:  # type: ignore[no-untyped-def]
+    rows = rows_for(f"p-{uuid.uuid4().hex[:6]}", np.ones(4))
+
+    enrichment_id = database.write_enrichment(conn, rows)
+
+    assert enrichment_id is not None
+    assert conn.execute("SELECT count(*) FROM masks WHERE enrichment_id = %s",
+                        (enrichment_id,)).fetchone() == (1,)
+    assert conn.execute("SELECT count(*) FROM labels WHERE enrichment_id = %s",
+                        (enrichment_id,)).fetchone() == (2,)
+    assert conn.execute("SELECT dimension FROM embeddings WHERE enrichment_id = %s",
+                        (enrichment_id,)).fetchone() == (4,)
+
+
+def test_a_redelivered_event_writes_nothing_twice(conn) -> None:  # type: ignore[no-untyped-def]
+    rows = rows_for(f"p-{uuid.uuid4().hex[:6]}", np.ones(4))
+
+    first = database.write_enrichment(conn, rows)
+    second = database.write_enrichment(conn, rows)
+
+    assert first is not None and second is None
+    count = conn.execute("SELECT count(*) FROM enrichments WHERE event_id = %s",
+                         (rows.completed.causation_id,)).fetchone()
+    assert count == (1,)
+
+
+def test_similar_products_uses_the_models_hnsw_index_and_ranks_by_cosine(conn) -> None:  # type: ignore[no-untyped-def]
+    tag = uuid.uuid4().hex[:6]
+    versions = VERSIONS.model_copy(update={"embedding": "emb3@1"})
+    vectors = {f"{tag}-a": [1, 0, 0], f"{tag}-b": [0.9, 0.1, 0], f"{tag}-c": [0, 1, 0]}
+    for product_id, vector in vectors.items():
+        database.write_enrichment(conn, rows_for(product_id, np.array(vector, float), versions))
+    database.ensure_embedding_index(conn, "emb3@1", 3)
+
+    conn.execute("SET enable_seqscan = off")
+    similar = database.similar_products(conn, f"{tag}-a", "emb3@1", 3, k=2)
+    plan = conn.execute(
+        "EXPLAIN SELECT product_id FROM embeddings WHERE model_version = 'emb3@1'"
+        " ORDER BY embedding::vector(3) <=> '[1,0,0]' LIMIT 2"
+    ).fetchall()
+    conn.execute("RESET enable_seqscan")
+
+    assert [s.product_id for s in similar][:1] == [f"{tag}-b"]
+    assert similar[0].distance < similar[-1].distance
+    assert database.embedding_index_name("emb3@1", 3) in " ".join(row[0] for row in plan)
