@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +112,9 @@ def delete_queues(settings: Settings) -> None:
 
 
 @contextmanager
-def worker_process(stack: LocalStack, log_file: Path, *, pool: str = "prefork") -> Iterator[
-    subprocess.Popen[bytes]
-]:
+def worker_process(
+    stack: LocalStack, log_file: Path, *, pool: str = "prefork"
+) -> Iterator[subprocess.Popen[bytes]]:
     """`enrich worker` in a child process, stopped with SIGTERM (a warm shutdown)."""
     env = {**os.environ, **stack.environment(), "ENRICH_LOG_JSON": "true"}
     command = [sys.executable, "-m", "worker.cli", "worker", f"--pool={pool}"]
@@ -160,8 +160,13 @@ class CompletionListener:
 
     def wait_for(self, count: int, *, timeout_s: float) -> list[dict[str, Any]]:
         """Block until `count` events arrived or the time is up; returns what arrived."""
+        return self.wait_until(lambda received: len(received) >= count, timeout_s=timeout_s)
+
+    def wait_until(
+        self, done: Callable[[list[dict[str, Any]]], bool], *, timeout_s: float
+    ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout_s
-        while len(self.received) < count and time.monotonic() < deadline:
+        while not done(self.received) and time.monotonic() < deadline:
             try:
                 self.connection.drain_events(timeout=1)
             except TimeoutError:

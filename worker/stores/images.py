@@ -63,9 +63,7 @@ class ImageFetcher:
             raise UnreadableImage(url, f"host {host!r} is not in ENRICH_IMAGES__HTTPS_HOSTS")
 
         try:
-            response = self._http.request(
-                "GET", url, preload_content=False, redirect=False
-            )
+            response = self._http.request("GET", url, preload_content=False, redirect=False)
         except urllib3.exceptions.HTTPError as exc:
             raise TransientFault(f"fetching {url} failed: {exc}") from exc
         with response:
@@ -97,8 +95,14 @@ def decode_image(url: str, data: bytes, *, max_pixels: int) -> DecodedImage:
             pixels = _to_rgb(ImageOps.exif_transpose(image))
     except UnreadableImage:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-            Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as exc:
         raise UnreadableImage(url, f"not a readable image: {exc}") from exc
 
     return DecodedImage(url=url, sha256=hashlib.sha256(data).hexdigest(), pixels=pixels)

@@ -20,7 +20,9 @@ from schemas.settings import S3Settings
 from worker.errors import TransientFault, UnreadableImage
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3 import S3Client as S3Client
+else:
+    S3Client = Any
 
 _MISSING = {"NoSuchKey", "NoSuchBucket", "404", "403", "AccessDenied"}
 

@@ -29,18 +29,29 @@ def rows_for(
 ) -> database.EnrichmentRows:
     product = ProductCreated.model_validate(product_payload(product_id=product_id))
     image = ImageResult(
-        url=product.images[0].url, image_sha256="ab" * 32, width=40, height=30,
-        masks=[MaskResult(label="jeans", score=0.9, box=(1, 2, 30, 28), area=500,
-                          uri="s3://masks/m/0.png")],
+        url=product.images[0].url,
+        image_sha256="ab" * 32,
+        width=40,
+        height=30,
+        masks=[
+            MaskResult(
+                label="jeans", score=0.9, box=(1, 2, 30, 28), area=500, uri="s3://masks/m/0.png"
+            )
+        ],
         labels=[LabelResult(label="jeans", score=0.8), LabelResult(label="shoes", score=0.3)],
     )
     completed = EnrichmentCompleted(
-        event_type=EventType.PRODUCT_ENRICHED, causation_id=product.event_id,
-        product_id=product_id, status=Status.ENRICHED, images=[image],
-        embedding=EmbeddingInfo(model_id="emb", dimension=len(vector)), model_versions=versions,
+        event_type=EventType.PRODUCT_ENRICHED,
+        causation_id=product.event_id,
+        product_id=product_id,
+        status=Status.ENRICHED,
+        images=[image],
+        embedding=EmbeddingInfo(model_id="emb", dimension=len(vector)),
+        model_versions=versions,
     )
-    return database.EnrichmentRows(product=product, completed=completed,
-                                   embedding=vector.astype(np.float32))
+    return database.EnrichmentRows(
+        product=product, completed=completed, embedding=vector.astype(np.float32)
+    )
 
 
 @pytest.fixture
@@ -67,12 +78,15 @@ def test_writes_a_products_rows_in_one_transaction(conn) -> None:  # type: ignor
     enrichment_id = database.write_enrichment(conn, rows)
 
     assert enrichment_id is not None
-    assert conn.execute("SELECT count(*) FROM masks WHERE enrichment_id = %s",
-                        (enrichment_id,)).fetchone() == (1,)
-    assert conn.execute("SELECT count(*) FROM labels WHERE enrichment_id = %s",
-                        (enrichment_id,)).fetchone() == (2,)
-    assert conn.execute("SELECT dimension FROM embeddings WHERE enrichment_id = %s",
-                        (enrichment_id,)).fetchone() == (4,)
+    assert conn.execute(
+        "SELECT count(*) FROM masks WHERE enrichment_id = %s", (enrichment_id,)
+    ).fetchone() == (1,)
+    assert conn.execute(
+        "SELECT count(*) FROM labels WHERE enrichment_id = %s", (enrichment_id,)
+    ).fetchone() == (2,)
+    assert conn.execute(
+        "SELECT dimension FROM embeddings WHERE enrichment_id = %s", (enrichment_id,)
+    ).fetchone() == (4,)
 
 
 def test_a_redelivered_event_writes_nothing_twice(conn) -> None:  # type: ignore[no-untyped-def]
@@ -82,8 +96,9 @@ def test_a_redelivered_event_writes_nothing_twice(conn) -> None:  # type: ignore
     second = database.write_enrichment(conn, rows)
 
     assert first is not None and second is None
-    count = conn.execute("SELECT count(*) FROM enrichments WHERE event_id = %s",
-                         (rows.completed.causation_id,)).fetchone()
+    count = conn.execute(
+        "SELECT count(*) FROM enrichments WHERE event_id = %s", (rows.completed.causation_id,)
+    ).fetchone()
     assert count == (1,)
 
 

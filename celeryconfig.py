@@ -1,0 +1,42 @@
+"""Celery's own settings. The service's settings live in schemas.settings (`ENRICH_*`)."""
+
+from kombu import Exchange, Queue
+
+from schemas.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.broker_url.get_secret_value()
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+# Publisher confirms: apply_async returns only once RabbitMQ has the task message.
+broker_transport_options = {"confirm_publish": True}
+broker_heartbeat = 30
+
+task_default_queue = _settings.task_queue
+task_queues = (
+    Queue(
+        _settings.task_queue,
+        Exchange(_settings.task_queue, type="direct"),
+        routing_key=_settings.task_queue,
+        durable=True,
+    ),
+)
+task_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+result_backend = None
+
+# At-least-once: a task is acknowledged after it ran, and handed back when its process dies.
+task_acks_late = True
+task_reject_on_worker_lost = True
+task_acks_on_failure_or_timeout = True
+worker_prefetch_multiplier = 1
+
+# One process holds the models; on a GPU more processes only compete for it.
+worker_concurrency = 1
+worker_max_tasks_per_child = None
+worker_hijack_root_logger = False
+worker_redirect_stdouts = False
+worker_send_task_events = True
+task_send_sent_event = True

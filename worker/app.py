@@ -1,0 +1,29 @@
+"""The Celery app: Celery's settings from celeryconfig, the intake step, process set-up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+
+from schemas.settings import get_settings
+from worker.intake import IntakeStep
+from worker.logging import configure_logging
+
+app = Celery("catalog_enrichment", include=["worker.tasks"])
+app.config_from_object("celeryconfig")
+app.steps["consumer"].add(IntakeStep)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+
+
+@signals.worker_process_init.connect
+def _load_models_after_fork(**_: Any) -> None:
+    """Each pool process loads its own models once, after the fork (CUDA cannot cross it)."""
+    from worker.tasks import process_resources
+
+    process_resources()

@@ -1,0 +1,167 @@
+"""The `enrich` command: run the worker, publish events, migrate, train, show, demo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from schemas.settings import REPO_ROOT, get_settings
+
+app = typer.Typer(
+    help="Catalog enrichment worker: masks, labels and embeddings for product events.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+train_app = typer.Typer(
+    help="Train the demo models on ../shared/datasets/ccp.", no_args_is_help=True
+)
+app.add_typer(train_app, name="train")
+
+DEFAULT_CCP = REPO_ROOT.parent / "shared" / "datasets" / "ccp"
+
+
+def _setup_logging() -> None:
+    from worker.logging import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Pool processes; each loads the models.")] = 1,
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork, solo or threads.")] = "prefork",
+    loglevel: Annotated[str, typer.Option(help="Celery's log level.")] = "INFO",
+) -> None:
+    """Consume product-created events and enrich each product."""
+    from worker.app import app as celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            f"--concurrency={concurrency}",
+            f"--pool={pool}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@app.command()
+def publish(
+    file: Annotated[Path, typer.Argument(help="JSON lines, one event per line; - for stdin.")],
+) -> None:
+    """Publish events to the catalog exchange as a producer service would."""
+    from kombu import Connection
+
+    from worker.events import publish_events
+
+    _setup_logging()
+    settings = get_settings()
+    lines = sys.stdin if str(file) == "-" else file.read_text().splitlines()
+    with Connection(
+        settings.broker_url.get_secret_value(), transport_options={"confirm_publish": True}
+    ) as connection:
+        count = publish_events(connection, settings, lines)
+    typer.echo(f"published {count} events to exchange {settings.exchange!r}")
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (safe when two run at once)."""
+    from worker.stores.database import migrate as apply_migrations
+
+    _setup_logging()
+    applied = apply_migrations(get_settings().database_url.get_secret_value())
+    typer.echo(
+        f"applied {len(applied)} migrations" + (f": {', '.join(applied)}" if applied else "")
+    )
+
+
+@app.command()
+def schemas(
+    check: Annotated[bool, typer.Option(help="Fail when the files are out of date.")] = False,
+) -> None:
+    """Write the JSON Schema files of the event contracts into schemas/."""
+    from schemas.export import SCHEMA_DIR, SCHEMA_FILES, render_schema, write_schemas
+
+    if check:
+        stale = [
+            n for n, m in SCHEMA_FILES.items() if (SCHEMA_DIR / n).read_text() != render_schema(m)
+        ]
+        if stale:
+            typer.echo(f"out of date: {', '.join(stale)}; run `enrich schemas`", err=True)
+            raise typer.Exit(1)
+        return
+    for path in write_schemas():
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def show(
+    product_id: Annotated[str, typer.Argument(help="The product to draw.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write.")],
+) -> None:
+    """Draw a product's photo with its masks and labels."""
+    from worker.show import render_product
+
+    _setup_logging()
+    render_product(get_settings(), product_id, output)
+    typer.echo(f"wrote {output}")
+
+
+@app.command()
+def demo(
+    data: Annotated[Path, typer.Option(help="The shared datasets folder.")] = DEFAULT_CCP.parent,
+    products: Annotated[int, typer.Option(help="How many products to enrich.")] = 24,
+    keep_servers: Annotated[
+        bool, typer.Option(help="Leave Postgres and S3 running and print how to reach them.")
+    ] = False,
+) -> None:
+    """Enrich real photos end to end on local servers and print what came out."""
+    from worker.demo import run_demo
+
+    _setup_logging()
+    raise typer.Exit(run_demo(data, products=products, keep_servers=keep_servers))
+
+
+@train_app.command("segmenter")
+def train_segmenter(
+    data: Annotated[Path, typer.Option(help="The CCP dataset folder.")] = DEFAULT_CCP,
+    out: Annotated[Path, typer.Option(help="Model folder to write.")] = REPO_ROOT
+    / "models/segmenter",
+    epochs: Annotated[int, typer.Option()] = 6,
+    image_size: Annotated[int, typer.Option(help="Shorter side in pixels.")] = 384,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Fine-tune the Mask R-CNN segmenter (EfficientNet-Lite0 backbone) on CCP."""
+    from handlers.training.segmenter import train_segmenter as train
+
+    _setup_logging()
+    figures = train(data, out, epochs=epochs, image_size=image_size, seed=seed)
+    typer.echo(figures)
+
+
+@train_app.command("tagger")
+def train_tagger(
+    data: Annotated[Path, typer.Option(help="The CCP dataset folder.")] = DEFAULT_CCP,
+    out: Annotated[Path, typer.Option(help="Model folder to write.")] = REPO_ROOT / "models/tagger",
+    epochs: Annotated[int, typer.Option()] = 4,
+    image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
+    seed: Annotated[int, typer.Option()] = 0,
+    threshold: Annotated[float, typer.Option(help="Score threshold for every label.")] = 0.2,
+) -> None:
+    """Fine-tune the fastai multi-label tagger (EfficientNet-Lite0 backbone) on CCP tags."""
+    from handlers.training.tagger import train_tagger as train
+
+    _setup_logging()
+    figures = train(data, out, epochs=epochs, image_size=image_size, seed=seed, threshold=threshold)
+    typer.echo(figures)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,179 @@
+"""`enrich demo`: real photos through the whole worker on local servers, then a table."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from kombu import Connection
+
+from schemas.events import EventType, ProductCreated, ProductImage
+from schemas.settings import REPO_ROOT, Settings
+from worker.events import publish_events
+from worker.local import CompletionListener, LocalStack, local_stack, worker_process
+from worker.stores import objects
+
+log = structlog.get_logger(__name__)
+
+IMAGE_BUCKET = "catalog-images"
+
+
+def demo_products(data: Path, count: int) -> list[tuple[ProductCreated, Path]]:
+    """Half street photos with annotated garments (CCP), half product photos, one per class."""
+    from handlers.training.ccp import load_label_names, load_pixel_mask
+
+    ccp = data / "ccp"
+    names = load_label_names(ccp)
+    street: list[tuple[ProductCreated, Path]] = []
+    for photo in sorted((ccp / "photos").glob("0*.jpg"))[::7]:
+        if len(street) >= count // 2:
+            break
+        classes = sorted(
+            {names[i] for i in set(load_pixel_mask(ccp, int(photo.stem)).flat)}
+            - {"null", "skin", "hair"}
+        )
+        garment = "jeans" if "jeans" in classes else classes[0] if classes else "outfit"
+        street.append(
+            _product(
+                f"ccp-{photo.stem}",
+                f"Street look with {garment}",
+                f"An outfit photographed outdoors: {', '.join(classes)}.",
+                classes,
+                photo,
+            )
+        )
+
+    shop: list[tuple[ProductCreated, Path]] = []
+    folders = sorted(p for p in (data / "clothing-small" / "validation").iterdir() if p.is_dir())
+    for round_index in range(count):
+        for folder in folders:
+            if len(street) + len(shop) >= count:
+                return street + shop
+            photo = sorted(folder.glob("*.jpg"))[round_index]
+            kind = folder.name.replace("-", " ")
+            shop.append(
+                _product(
+                    f"shop-{folder.name}-{round_index}",
+                    f"Classic {kind}",
+                    f"A {kind} on a plain background, as listed in a shop.",
+                    [kind],
+                    photo,
+                )
+            )
+    return street + shop
+
+
+def _product(
+    product_id: str, title: str, description: str, attributes: list[str], photo: Path
+) -> tuple[ProductCreated, Path]:
+    event = ProductCreated(
+        event_id=uuid.uuid4(),
+        event_type=EventType.PRODUCT_CREATED,
+        schema_version=1,
+        occurred_at=datetime.now(UTC),
+        product_id=product_id,
+        title=title,
+        description=description,
+        attributes=attributes,
+        images=[ProductImage(url=f"s3://{IMAGE_BUCKET}/{product_id}/{photo.name}")],
+    )
+    return event, photo
+
+
+def run_demo(data: Path, *, products: int, keep_servers: bool) -> int:
+    started = time.monotonic()
+    out = REPO_ROOT / "out" / "demo"
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = demo_products(data, products)
+
+    with local_stack(REPO_ROOT / "var" / "demo") as stack:
+        _upload_photos(stack, chosen)
+        with (
+            worker_process(stack, out / "worker.log"),
+            CompletionListener(stack.settings) as listener,
+        ):
+            _publish(stack.settings, [event for event, _ in chosen])
+            completions = listener.wait_for(len(chosen), timeout_s=60 + 20 * len(chosen))
+
+        _print_table(chosen, completions)
+        _print_similarity(stack, chosen)
+        _render(stack, completions, out)
+        if keep_servers:
+            _print_environment(stack)
+            input("servers are running; press Enter to stop them ")
+
+    enriched = sum(1 for c in completions if c["status"] == "enriched")
+    failed = sum(1 for c in completions if c["status"] == "failed")
+    elapsed = time.monotonic() - started
+    print(f"enriched {enriched}/{len(chosen)} products ({failed} failed) in {elapsed:.0f} s")
+    return 0 if enriched == len(chosen) else 1
+
+
+def _upload_photos(stack: LocalStack, chosen: list[tuple[ProductCreated, Path]]) -> None:
+    client = objects.make_client(stack.settings.s3)
+    objects.ensure_bucket(client, IMAGE_BUCKET)
+    for event, photo in chosen:
+        _, key = objects.split_s3_url(event.images[0].url)
+        client.put_object(
+            Bucket=IMAGE_BUCKET, Key=key, Body=photo.read_bytes(), ContentType="image/jpeg"
+        )
+
+
+def _publish(settings: Settings, events: list[ProductCreated]) -> None:
+    with Connection(settings.broker_url.get_secret_value()) as connection:
+        publish_events(connection, settings, [event.model_dump_json() for event in events])
+
+
+def _print_table(
+    chosen: list[tuple[ProductCreated, Path]], completions: list[dict[str, Any]]
+) -> None:
+    by_product = {c["product_id"]: c for c in completions}
+    print(f"\n{'product':<22} {'status':<9} {'masks':<28} {'top labels':<34} {'dim':>4} {'ms':>6}")
+    for event, _ in chosen:
+        done = by_product.get(event.product_id)
+        if done is None:
+            print(f"{event.product_id:<22} {'missing':<9}")
+            continue
+        image = done["images"][0] if done["images"] else {"masks": [], "labels": []}
+        masks = Counter(mask["label"] for mask in image["masks"])
+        mask_text = ", ".join(f"{n}x{label}" for label, n in masks.most_common(3)) or "-"
+        labels = ", ".join(f"{x['label']} {x['score']:.2f}" for x in image["labels"][:3]) or "-"
+        dim = done["embedding"]["dimension"] if done["embedding"] else "-"
+        total = done["timings_ms"].get("total", 0.0)
+        print(
+            f"{event.product_id:<22} {done['status']:<9} {mask_text[:28]:<28} "
+            f"{labels[:34]:<34} {dim:>4} {total:>6.0f}"
+        )
+
+
+def _print_similarity(stack: LocalStack, chosen: list[tuple[ProductCreated, Path]]) -> None:
+    from worker.stores import database
+
+    with database.connect(stack.settings.database_url.get_secret_value()) as conn:
+        row = conn.execute("SELECT model_version, dimension FROM embeddings LIMIT 1").fetchone()
+        if row is None:
+            return
+        target = chosen[0][0]
+        similar = database.similar_products(conn, target.product_id, row[0], row[1], k=3)
+    print(f"\nproducts most similar to {target.product_id} ({target.title!r}):")
+    for item in similar:
+        print(f"  {item.product_id:<22} {item.title:<32} cosine distance {item.distance:.3f}")
+
+
+def _render(stack: LocalStack, completions: list[dict[str, Any]], out: Path) -> None:
+    from worker.show import render_product
+
+    for done in [c for c in completions if c["status"] == "enriched"][:3]:
+        path = out / f"{done['product_id']}.png"
+        render_product(stack.settings, done["product_id"], path)
+        print(f"drew {path}")
+
+
+def _print_environment(stack: LocalStack) -> None:
+    for name, value in stack.environment().items():
+        print(f"export {name}={value}")

@@ -1,0 +1,212 @@
+"""One product's enrichment: fetch, decode, segment, tag, embed, write masks, write rows,
+publish. Celery-free, so that the same steps serve the worker, the demo and the tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+import structlog
+from kombu import Producer
+
+from handlers.base import Segmentation, Stage, Tags
+from handlers.embedding import product_text
+from schemas.events import (
+    EmbeddingInfo,
+    EnrichmentCompleted,
+    EventType,
+    ImageResult,
+    LabelResult,
+    MaskResult,
+    ProductCreated,
+    Status,
+)
+from schemas.settings import Settings
+from worker.errors import TransientFault
+from worker.events import publish_completion
+from worker.models import Models
+from worker.stores import database, objects
+from worker.stores.images import DecodedImage, ImageFetcher, decode_image
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Resources:
+    """What a worker process holds: models, an S3 client and a database connection."""
+
+    settings: Settings
+    models: Models
+    s3_client: objects.S3Client
+    fetcher: ImageFetcher
+    _conn: psycopg.Connection[Any] | None = field(default=None, repr=False)
+
+    @contextmanager
+    def database(self) -> Iterator[psycopg.Connection[Any]]:
+        """This process's connection; a broken one is dropped and the fault is transient."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = database.connect(self.settings.database_url.get_secret_value())
+            yield self._conn
+        except psycopg.OperationalError as exc:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+            raise TransientFault(f"database unavailable: {exc}") from exc
+
+
+@dataclass
+class Enrichment:
+    """A finished enrichment: its rows and its completion event."""
+
+    rows: database.EnrichmentRows
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> EnrichmentCompleted:
+        return self.rows.completed
+
+
+def enrich(event: ProductCreated, resources: Resources) -> Enrichment:
+    """Run every stage on one product and write its masks; rows are written by `commit`."""
+    timings: dict[str, float] = {}
+    models = resources.models
+    started = time.perf_counter()
+
+    with _timed(timings, "fetch"):
+        images = [_fetch(url, resources) for url in (image.url for image in event.images)]
+    pixels = [image.pixels for image in images]
+
+    with _timed(timings, Stage.SEGMENTATION):
+        segmentations = models.segmenter.segment(pixels)
+    with _timed(timings, Stage.TAGGING):
+        tags = models.tagger.tag(pixels)
+    with _timed(timings, Stage.EMBEDDING):
+        text = product_text(event.title, event.description, event.attributes)
+        embedding = models.embedder.embed([text])[0]
+
+    with _timed(timings, "masks"):
+        results = [
+            _image_result(image, segmentation, tag, event.product_id, resources)
+            for image, segmentation, tag in zip(images, segmentations, tags, strict=True)
+        ]
+    timings["total"] = _ms_since(started)
+
+    completed = EnrichmentCompleted(
+        event_type=EventType.PRODUCT_ENRICHED,
+        causation_id=event.event_id,
+        product_id=event.product_id,
+        status=Status.ENRICHED,
+        images=results,
+        embedding=EmbeddingInfo(
+            model_id=models.embedder.model_id, dimension=models.embedder.dimension
+        ),
+        model_versions=models.versions,
+        timings_ms=timings,
+    )
+    rows = database.EnrichmentRows(product=event, completed=completed, embedding=embedding)
+    return Enrichment(rows=rows, timings_ms=timings)
+
+
+def failed(
+    event: ProductCreated, models: Models, *, reason: str, kind: str, stage: str | None
+) -> Enrichment:
+    """A failed enrichment: recorded with its reason, and announced like a finished one."""
+    completed = EnrichmentCompleted(
+        event_type=EventType.PRODUCT_ENRICHMENT_FAILED,
+        causation_id=event.event_id,
+        product_id=event.product_id,
+        status=Status.FAILED,
+        reason=reason,
+        model_versions=models.versions,
+    )
+    rows = database.EnrichmentRows(
+        product=event, completed=completed, embedding=None, error_stage=stage, error_kind=kind
+    )
+    return Enrichment(rows=rows)
+
+
+def commit(enrichment: Enrichment, resources: Resources, producer: Producer) -> bool:
+    """Write the rows in one transaction, then publish the completion event.
+
+    Returns False when the event had already been written: nothing is written or sent again.
+    """
+    # TODO(#4): a crash between the commit and the publish loses the completion event;
+    # a transactional outbox relayed with publisher confirms closes that gap.
+    with resources.database() as conn:
+        enrichment_id = database.write_enrichment(conn, enrichment.rows)
+    if enrichment_id is None:
+        return False
+
+    publish_completion(producer, resources.settings, enrichment.completed)
+    return True
+
+
+def _fetch(url: str, resources: Resources) -> DecodedImage:
+    data = resources.fetcher.fetch(url)
+    return decode_image(url, data, max_pixels=resources.settings.images.max_pixels)
+
+
+def _image_result(
+    image: DecodedImage,
+    segmentation: Segmentation,
+    tags: Tags,
+    product_id: str,
+    resources: Resources,
+) -> ImageResult:
+    version = resources.models.segmenter.model_version
+    bucket = resources.settings.s3.mask_bucket
+    masks = []
+    for index in range(segmentation.num_masks):
+        mask = _mask_at(segmentation, index, image)
+        key = objects.mask_key(product_id, image.sha256, version, index)
+        uri = objects.put_mask(resources.s3_client, bucket, key, objects.encode_mask_png(mask))
+        box = tuple(float(v) for v in segmentation.pred_boxes[index])
+        masks.append(
+            MaskResult(
+                label=segmentation.pred_classes[index],
+                score=round(float(segmentation.mask_scores[index]), 4),
+                box=(box[0], box[1], box[2], box[3]),
+                area=int(mask.sum()),
+                uri=uri,
+            )
+        )
+
+    labels = [LabelResult(label=label.label, score=round(label.score, 4)) for label in tags.labels]
+    return ImageResult(
+        url=image.url,
+        image_sha256=image.sha256,
+        width=image.width,
+        height=image.height,
+        masks=masks,
+        labels=labels,
+    )
+
+
+def _mask_at(segmentation: Segmentation, index: int, image: DecodedImage) -> npt.NDArray[np.bool_]:
+    """A detection-only model has no masks: its box, filled, stands in for one."""
+    if segmentation.pred_masks is not None:
+        mask: npt.NDArray[np.bool_] = segmentation.pred_masks[index]
+        return mask
+    x0, y0, x1, y1 = (int(v) for v in np.rint(segmentation.pred_boxes[index]))
+    mask = np.zeros((image.height, image.width), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    timings[str(name)] = _ms_since(started)
+    log.debug("stage_finished", stage=str(name), duration_ms=timings[str(name)])
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)

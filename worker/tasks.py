@@ -1,0 +1,119 @@
+"""Celery tasks. A task validates, binds its context and hands the work to the stages."""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any
+
+import structlog
+from celery import Task
+from pydantic import ValidationError
+
+from handlers.base import StageError
+from schemas.events import ProductCreated
+from schemas.settings import get_settings
+from worker.app import app
+from worker.enrichment import Enrichment, Resources, commit, enrich, failed
+from worker.errors import InvalidEvent, TransientFault, UnreadableImage
+from worker.events import dead_letter
+from worker.models import get_models
+from worker.stores import objects
+from worker.stores.images import ImageFetcher
+
+log = structlog.get_logger(__name__)
+
+MAX_RETRIES = 6
+_lock = threading.Lock()
+_resources: Resources | None = None
+
+
+def process_resources() -> Resources:
+    """This process's models and clients, made on first use, after any fork."""
+    global _resources
+    with _lock:
+        if _resources is None:
+            settings = get_settings()
+            client = objects.make_client(settings.s3)
+            objects.ensure_bucket(client, settings.s3.mask_bucket)
+            _resources = Resources(
+                settings=settings,
+                models=get_models(settings.models),
+                s3_client=client,
+                fetcher=ImageFetcher(client, settings.s3, settings.images),
+            )
+        return _resources
+
+
+def backoff_s(retries: int) -> float:
+    """Exponential backoff with full jitter: 1 s, 2 s, 4 s ... capped at 60 s."""
+    return random.uniform(0, min(60.0, 2.0**retries))
+
+
+@app.task(bind=True, name="enrichment.enrich_product", max_retries=MAX_RETRIES)
+def enrich_product(self: Task, event: dict[str, Any]) -> str:
+    try:
+        product = ProductCreated.model_validate(event)
+    except ValidationError as exc:
+        raise InvalidEvent("event", event, str(exc)) from exc
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(
+        event_id=str(product.event_id), product_id=product.product_id, task_id=self.request.id
+    )
+    resources = process_resources()
+
+    try:
+        enrichment = _outcome(product, resources)
+        with app.producer_or_acquire() as producer:
+            written = commit(enrichment, resources, producer)
+    except TransientFault as exc:
+        log.warning("enrichment_retried", reason=str(exc), attempt=self.request.retries + 1)
+        raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc
+
+    completed = enrichment.completed
+    log.info(
+        "enrichment_finished",
+        status=str(completed.status),
+        reason=completed.reason,
+        images=len(completed.images),
+        masks=sum(len(image.masks) for image in completed.images),
+        duplicate=not written,
+        duration_ms=completed.timings_ms.get("total"),
+    )
+    return str(completed.status)
+
+
+def _outcome(product: ProductCreated, resources: Resources) -> Enrichment:
+    """The one place where an exception decides what becomes of a product.
+
+    TransientFault propagates (the task retries). Bad images and stage failures become a
+    failed enrichment; a bad image also dead-letters the event with its reason.
+    """
+    models = resources.models
+    try:
+        return enrich(product, resources)
+    except UnreadableImage as exc:
+        _dead_letter(product, kind=exc.kind, reason=str(exc))
+        log.warning("image_rejected", url=exc.url, reason=exc.reason, outcome="failed")
+        return failed(product, models, reason=str(exc), kind=exc.kind, stage="fetch")
+    except StageError as exc:
+        log.error("stage_failed", stage=str(exc.stage), reason=exc.reason)
+        return failed(product, models, reason=str(exc), kind="stage_failed", stage=exc.stage)
+    except TransientFault:
+        raise
+    except Exception as exc:
+        log.exception("enrichment_crashed")
+        _dead_letter(product, kind="unexpected", reason=repr(exc))
+        return failed(product, models, reason=repr(exc)[:500], kind="unexpected", stage=None)
+
+
+def _dead_letter(product: ProductCreated, *, kind: str, reason: str) -> None:
+    with app.producer_or_acquire() as producer:
+        dead_letter(
+            producer,
+            get_settings(),
+            product.model_dump_json().encode(),
+            kind=kind,
+            reason=reason,
+            routing_key=str(product.event_type),
+        )
