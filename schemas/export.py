@@ -18,8 +18,9 @@ SCHEMA_FILES: dict[str, type[BaseModel]] = {
 
 
 def render_schema(model: type[BaseModel]) -> str:
-    schema = model.model_json_schema(mode="serialization" if model is EnrichmentCompleted
-                                     else "validation")
+    schema = model.model_json_schema(
+        mode="serialization" if model is EnrichmentCompleted else "validation"
+    )
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 

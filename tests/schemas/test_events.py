@@ -53,7 +53,9 @@ def test_rejects_event_without_images() -> None:
     assert caught.value.errors()[0]["loc"] == ("images",)
 
 
-@pytest.mark.parametrize("url", ["ftp://x/y.jpg", "http://shop.example/a.jpg", "s3://", "/etc/passwd"])
+@pytest.mark.parametrize(
+    "url", ["ftp://x/y.jpg", "http://shop.example/a.jpg", "s3://", "/etc/passwd"]
+)
 def test_rejects_image_urls_that_are_neither_s3_nor_https(url: str) -> None:
     payload = product_payload(images=[{"url": url}])
 
