@@ -38,6 +38,12 @@ def worker(
 ) -> None:
     """Consume product-created events and enrich each product."""
     from worker.app import app as celery_app
+    from worker.models import missing_model_folders
+
+    missing = missing_model_folders(get_settings().models)
+    if missing:
+        typer.echo(f"cannot start: model folders missing: {', '.join(missing)}", err=True)
+        raise typer.Exit(2)
 
     celery_app.worker_main(
         [

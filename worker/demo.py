@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 import uuid
 from collections import Counter
@@ -101,6 +102,7 @@ def run_demo(data: Path, *, products: int, keep_servers: bool) -> int:
             completions = listener.wait_for(len(chosen), timeout_s=60 + 20 * len(chosen))
 
         _print_table(chosen, completions)
+        _print_stage_times(completions)
         _print_similarity(stack, chosen)
         _render(stack, completions, out)
         if keep_servers:
@@ -149,6 +151,16 @@ def _print_table(
             f"{event.product_id:<22} {done['status']:<9} {mask_text[:28]:<28} "
             f"{labels[:34]:<34} {dim:>4} {total:>6.0f}"
         )
+
+
+def _print_stage_times(completions: list[dict[str, Any]]) -> None:
+    """Median milliseconds per stage over the enriched products (one image each here)."""
+    enriched = [c["timings_ms"] for c in completions if c["status"] == "enriched"]
+    if not enriched:
+        return
+    stages = ("fetch", "segmentation", "tagging", "embedding", "masks", "total")
+    medians = {s: statistics.median(t.get(s, 0.0) for t in enriched) for s in stages}
+    print("\nmedian ms per product: " + ", ".join(f"{s} {v:.0f}" for s, v in medians.items()))
 
 
 def _print_similarity(stack: LocalStack, chosen: list[tuple[ProductCreated, Path]]) -> None:

@@ -46,6 +46,16 @@ def load_models(settings: ModelSettings) -> Models:
     return Models(segmenter=segmenter, tagger=tagger, embedder=embedder)
 
 
+def missing_model_folders(settings: ModelSettings) -> list[str]:
+    """Model folders that do not exist, checked in the parent before any process forks."""
+    folders = {
+        "ENRICH_MODELS__SEGMENTER_DIR": settings.segmenter_dir,
+        "ENRICH_MODELS__TAGGER_DIR": settings.tagger_dir,
+        "ENRICH_MODELS__EMBEDDING_DIR": settings.embedding_dir or default_embedding_model_dir(),
+    }
+    return [f"{name}={path}" for name, path in folders.items() if not path.is_dir()]
+
+
 def get_models(settings: ModelSettings) -> Models:
     """This process's models, loading them on first use."""
     global _loaded

@@ -18,7 +18,7 @@ from worker.enrichment import Enrichment, Resources, commit, enrich, failed
 from worker.errors import InvalidEvent, TransientFault, UnreadableImage
 from worker.events import dead_letter
 from worker.models import get_models
-from worker.stores import objects
+from worker.stores import database, objects
 from worker.stores.images import ImageFetcher
 
 log = structlog.get_logger(__name__)
@@ -42,6 +42,9 @@ def process_resources() -> Resources:
                 s3_client=client,
                 fetcher=ImageFetcher(client, settings.s3, settings.images),
             )
+            embedder = _resources.models.embedder
+            with _resources.database() as conn:
+                database.ensure_embedding_index(conn, embedder.model_version, embedder.dimension)
         return _resources
 
 

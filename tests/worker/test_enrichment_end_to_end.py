@@ -54,7 +54,8 @@ def publish(stack: LocalStack, *bodies: str) -> None:
 
 def event_for(url: str, **changes: Any) -> dict[str, Any]:
     product_id = f"p-{uuid.uuid4().hex[:8]}"
-    return product_payload(product_id=product_id, images=[{"url": url}], **changes)
+    fields: dict[str, Any] = {"product_id": product_id, "images": [{"url": url}], **changes}
+    return product_payload(**fields)
 
 
 def completions_of(
@@ -131,7 +132,7 @@ def test_invalid_json_and_a_schema_break_are_dead_lettered_and_the_next_event_co
 ) -> None:
     photo = next((datasets / "clothing-small" / "validation" / "pants").glob("*.jpg"))
     broken_json = '{"event_type": "product.created", "product_id": '
-    no_images = json.dumps(event_for("s3://x/y.jpg", images=[]))
+    no_images = json.dumps(event_for("s3://catalog-images/y.jpg", images=[]))
     valid = event_for(upload(s3, f"e2e/{uuid.uuid4().hex}.jpg", photo.read_bytes()))
 
     publish(stack, broken_json, no_images, json.dumps(valid))

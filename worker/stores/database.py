@@ -81,6 +81,8 @@ def ensure_embedding_index(
         name=sql.Identifier(name), dim=sql.Literal(dimension), version=sql.Literal(model_version)
     )
     with conn.transaction():
+        # Two workers starting at once would race on the same CREATE INDEX.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         conn.execute(statement)
     return name
 
