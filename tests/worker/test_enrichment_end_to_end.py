@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from kombu import Connection
 from PIL import Image
 
 from tests.schemas.test_events import product_payload
-from worker.events import publish_events
+from worker.events import dead_letter_queue, publish_events
 from worker.local import CompletionListener, LocalStack, worker_process
 from worker.stores import database, objects
 
@@ -70,18 +71,23 @@ def completions_of(
 
 
 def dead_letters(stack: LocalStack, timeout_s: float = 30) -> list[tuple[dict[str, Any], bytes]]:
-    found = []
+    """Everything parked so far, read raw (the body is kept as it arrived)."""
+    found: list[tuple[dict[str, Any], bytes]] = []
+    deadline = time.monotonic() + timeout_s
     with Connection(stack.settings.broker_url.get_secret_value()) as connection:
-        queue = connection.SimpleQueue(stack.settings.dead_letter_queue)
-        try:
-            while True:
-                message = queue.get(block=True, timeout=timeout_s if not found else 1)
-                found.append((dict(message.headers), message.body))
-                message.ack()
-        except queue.Empty:
-            pass
-        finally:
-            queue.close()
+        queue = dead_letter_queue(stack.settings)(connection.channel())
+        queue.declare()
+        while time.monotonic() < deadline:
+            message = queue.get(no_ack=True, accept=["application/json"])
+            if message is None:
+                if found:
+                    break
+                time.sleep(0.5)
+                continue
+            body = message.body
+            found.append(
+                (dict(message.headers), body if isinstance(body, bytes) else body.encode())
+            )
     return found
 
 
@@ -131,7 +137,7 @@ def test_invalid_json_and_a_schema_break_are_dead_lettered_and_the_next_event_co
     stack: LocalStack, s3: objects.S3Client, listener: CompletionListener, datasets: Path
 ) -> None:
     photo = next((datasets / "clothing-small" / "validation" / "pants").glob("*.jpg"))
-    broken_json = '{"event_type": "product.created", "product_id": '
+    broken_json = '{"event_type": "product.created", "product_id":'
     no_images = json.dumps(event_for("s3://catalog-images/y.jpg", images=[]))
     valid = event_for(upload(s3, f"e2e/{uuid.uuid4().hex}.jpg", photo.read_bytes()))
 

@@ -95,8 +95,9 @@ def decode_image(url: str, data: bytes, *, max_pixels: int) -> DecodedImage:
             pixels = _to_rgb(ImageOps.exif_transpose(image))
     except UnreadableImage:
         raise
+    except UnidentifiedImageError as exc:
+        raise UnreadableImage(url, "not a readable image: no image format recognised") from exc
     except (
-        UnidentifiedImageError,
         OSError,
         ValueError,
         SyntaxError,
