@@ -22,32 +22,29 @@ from worker.stores import objects
 log = structlog.get_logger(__name__)
 
 IMAGE_BUCKET = "catalog-images"
+_JEANS = 25
+_NOT_GARMENTS = {
+    "null",
+    "skin",
+    "hair",
+    "accessories",
+    "bag",
+    "purse",
+    "glasses",
+    "sunglasses",
+    "necklace",
+    "bracelet",
+    "earrings",
+    "ring",
+    "watch",
+    "belt",
+}
 
 
 def demo_products(data: Path, count: int) -> list[tuple[ProductCreated, Path]]:
-    """Half street photos with annotated garments (CCP), half product photos, one per class."""
-    from handlers.training.ccp import load_label_names, load_pixel_mask
-
-    ccp = data / "ccp"
-    names = load_label_names(ccp)
-    street: list[tuple[ProductCreated, Path]] = []
-    for photo in sorted((ccp / "photos").glob("0*.jpg"))[::7]:
-        if len(street) >= count // 2:
-            break
-        classes = sorted(
-            {names[i] for i in set(load_pixel_mask(ccp, int(photo.stem)).flat)}
-            - {"null", "skin", "hair"}
-        )
-        garment = "jeans" if "jeans" in classes else classes[0] if classes else "outfit"
-        street.append(
-            _product(
-                f"ccp-{photo.stem}",
-                f"Street look with {garment}",
-                f"An outfit photographed outdoors: {', '.join(classes)}.",
-                classes,
-                photo,
-            )
-        )
+    """Half street photos (CCP validation photos, those with jeans first), half product
+    photos (clothing-small, one per class in turn)."""
+    street = [_street_product(ccp, image_id) for ccp, image_id in _street_photos(data, count // 2)]
 
     shop: list[tuple[ProductCreated, Path]] = []
     folders = sorted(p for p in (data / "clothing-small" / "validation").iterdir() if p.is_dir())
@@ -67,6 +64,33 @@ def demo_products(data: Path, count: int) -> list[tuple[ProductCreated, Path]]:
                 )
             )
     return street + shop
+
+
+def _street_photos(data: Path, count: int) -> list[tuple[Path, int]]:
+    from handlers.training.ccp import load_pixel_mask, split_pixel_annotated
+
+    ccp = data / "ccp"
+    validation = split_pixel_annotated(ccp).validation
+    with_jeans = [i for i in validation if (load_pixel_mask(ccp, i) == _JEANS).any()]
+    others = [i for i in validation if i not in with_jeans]
+    return [(ccp, image_id) for image_id in (with_jeans + others)[:count]]
+
+
+def _street_product(ccp: Path, image_id: int) -> tuple[ProductCreated, Path]:
+    """Titled by the garment that covers most pixels; the annotated classes are attributes."""
+    from handlers.training.ccp import load_label_names, load_pixel_mask, photo_path
+
+    names = load_label_names(ccp)
+    counts = Counter(names[i] for i in load_pixel_mask(ccp, image_id).flat)
+    garments = [name for name, _ in counts.most_common() if name not in _NOT_GARMENTS]
+    main = garments[0] if garments else "outfit"
+    return _product(
+        f"ccp-{image_id:04d}",
+        f"Street look with {main}",
+        f"An outfit photographed outdoors: {', '.join(garments)}.",
+        garments,
+        photo_path(ccp, image_id),
+    )
 
 
 def _product(
