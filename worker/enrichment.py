@@ -14,6 +14,7 @@ import numpy.typing as npt
 import psycopg
 import structlog
 from kombu import Producer
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from handlers.base import Segmentation, Stage, Tags
 from handlers.embedding import product_text
@@ -29,9 +30,8 @@ from schemas.events import (
 )
 from schemas.settings import Settings
 from worker.errors import TransientFault
-from worker.events import publish_completion
 from worker.models import Models
-from worker.stores import database, objects
+from worker.stores import database, objects, outbox
 from worker.stores.images import DecodedImage, ImageFetcher, decode_image
 
 log = structlog.get_logger(__name__)
@@ -133,19 +133,23 @@ def failed(
 
 
 def commit(enrichment: Enrichment, resources: Resources, producer: Producer) -> bool:
-    """Write the rows in one transaction, then publish the completion event.
+    """Write the rows and the completion event in one transaction, then relay the outbox.
 
-    Returns False when the event had already been written: nothing is written or sent again.
+    Returns False when the event had already been written (a redelivery): nothing is
+    written twice, and a completion event a crash left in the outbox goes out now.
     """
-    # TODO(#4): a crash between the commit and the publish loses the completion event;
-    # a transactional outbox relayed with publisher confirms closes that gap.
     with resources.database() as conn:
-        enrichment_id = database.write_enrichment(conn, enrichment.rows)
-    if enrichment_id is None:
-        return False
+        with conn.transaction():
+            enrichment_id = database.write_enrichment(conn, enrichment.rows)
+            if enrichment_id is not None:
+                outbox.add(conn, resources.settings.exchange, enrichment.completed)
 
-    publish_completion(producer, resources.settings, enrichment.completed)
-    return True
+        try:
+            outbox.relay(conn, producer)
+        except (KombuOperationalError, ConnectionError) as exc:
+            raise TransientFault(f"broker unavailable: {exc}") from exc
+
+    return enrichment_id is not None
 
 
 def _fetch(url: str, resources: Resources) -> DecodedImage:

@@ -13,7 +13,7 @@ from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
 
-from schemas.events import EnrichmentCompleted, EventType
+from schemas.events import EventType
 from schemas.settings import Settings
 
 
@@ -54,16 +54,6 @@ def publish_json(
         declare=list(declare),
         retry=True,
         retry_policy={"max_retries": 5, "interval_start": 0.5, "interval_step": 1.0},
-    )
-
-
-def publish_completion(producer: Producer, settings: Settings, event: EnrichmentCompleted) -> None:
-    publish_json(
-        producer,
-        event.model_dump_json().encode(),
-        exchange=catalog_exchange(settings),
-        routing_key=event.routing_key,
-        declare=[catalog_exchange(settings)],
     )
 
 
