@@ -19,6 +19,8 @@ train_app = typer.Typer(
     help="Train the demo models on ../shared/datasets/ccp.", no_args_is_help=True
 )
 app.add_typer(train_app, name="train")
+dlq_app = typer.Typer(help="Inspect and replay the dead-letter queue.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
 
 DEFAULT_CCP = REPO_ROOT.parent / "shared" / "datasets" / "ccp"
 
@@ -133,6 +135,42 @@ def demo(
 
     _setup_logging()
     raise typer.Exit(run_demo(data, products=products, keep_servers=keep_servers))
+
+
+@dlq_app.command("list")
+def dlq_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    limit: Annotated[int, typer.Option(help="Show at most this many.")] = 1000,
+) -> None:
+    """Show parked messages with their kind and reason; they stay in the queue."""
+    import json
+
+    from worker.dlq import list_dead_letters
+
+    letters = list_dead_letters(get_settings(), limit=limit)
+    for letter in letters:
+        if as_json:
+            typer.echo(json.dumps(letter.as_dict()))
+        else:
+            preview = letter.body[:60].decode(errors="replace")
+            typer.echo(f"{letter.dead_lettered_at}  {letter.kind:<18} {letter.reason[:100]}")
+            typer.echo(f"    body: {preview}")
+    if not as_json:
+        typer.echo(f"{len(letters)} dead-lettered messages")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    reason: Annotated[
+        str | None, typer.Option(help="Only this kind: invalid_event, unreadable_image, ...")
+    ] = None,
+) -> None:
+    """Send parked messages back to the catalog exchange, after a fix."""
+    from worker.dlq import replay
+
+    _setup_logging()
+    count = replay(get_settings(), kind=reason)
+    typer.echo(f"replayed {count} messages")
 
 
 @train_app.command("segmenter")

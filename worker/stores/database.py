@@ -151,11 +151,20 @@ def _upsert_product(conn: psycopg.Connection[Any], product: ProductCreated) -> N
 
 
 def _insert_enrichment(conn: psycopg.Connection[Any], rows: EnrichmentRows) -> int | None:
+    """A new enrichment row, or None when the event already has one.
+
+    The one exception: a success replaces an earlier failure of the same event, so that a
+    dead-lettered event replayed after a fix is enriched. A repeated failure changes nothing.
+    """
     completed = rows.completed
     row = conn.execute(
         "INSERT INTO enrichments (event_id, product_id, status, model_versions, error_stage,"
         " error_kind, error_reason, timings_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (event_id) DO NOTHING RETURNING enrichment_id",
+        " ON CONFLICT (event_id) DO UPDATE SET status = excluded.status,"
+        " model_versions = excluded.model_versions, error_stage = NULL, error_kind = NULL,"
+        " error_reason = NULL, timings_ms = excluded.timings_ms, created_at = now()"
+        " WHERE enrichments.status = 'failed' AND excluded.status = 'enriched'"
+        " RETURNING enrichment_id",
         (
             completed.causation_id,
             completed.product_id,

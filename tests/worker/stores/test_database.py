@@ -121,3 +121,25 @@ def test_similar_products_uses_the_models_hnsw_index_and_ranks_by_cosine(conn) -
     assert [s.product_id for s in similar][:1] == [f"{tag}-b"]
     assert similar[0].distance < similar[-1].distance
     assert database.embedding_index_name("emb3@1", 3) in " ".join(row[0] for row in plan)
+
+
+def test_a_success_replaces_an_earlier_failure_of_the_same_event(conn) -> None:  # type: ignore[no-untyped-def]
+    rows = rows_for(f"p-{uuid.uuid4().hex[:6]}", np.ones(4))
+    failure = database.EnrichmentRows(
+        product=rows.product,
+        completed=rows.completed.model_copy(
+            update={"status": Status.FAILED, "images": [], "reason": "unreadable"}
+        ),
+        embedding=None,
+        error_kind="unreadable_image",
+    )
+
+    first = database.write_enrichment(conn, failure)
+    again = database.write_enrichment(conn, failure)
+    fixed = database.write_enrichment(conn, rows)
+
+    assert first is not None and again is None and fixed == first
+    status = conn.execute(
+        "SELECT status, error_kind FROM enrichments WHERE enrichment_id = %s", (first,)
+    ).fetchone()
+    assert status == ("enriched", None)
