@@ -50,9 +50,18 @@ class ImageSettings(BaseModel):
     https_hosts: list[str] = Field(
         default_factory=list, description="Hosts https image URLs may name; empty allows none."
     )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDR blocks an image host may resolve to although private or loopback "
+        "(an internal CDN; 127.0.0.1/32 in tests). Cloud metadata addresses are never allowed.",
+    )
+    ca_bundle: Path | None = Field(
+        default=None, description="CA certificates for https image hosts; unset means the system's."
+    )
+    max_redirects: int = Field(default=3, ge=0)
     max_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 40_000_000
-    timeout_s: float = 20.0
+    timeout_s: float = Field(default=20.0, gt=0, description="Limit on one whole download.")
 
 
 class Settings(BaseSettings):
