@@ -24,6 +24,8 @@ from worker.stores.images import ImageFetcher
 log = structlog.get_logger(__name__)
 
 MAX_RETRIES = 6
+MAX_STARTS = MAX_RETRIES + 3
+"""Retries plus redeliveries after a lost worker; past this the event is dead-lettered."""
 _lock = threading.Lock()
 _resources: Resources | None = None
 
@@ -66,10 +68,18 @@ def enrich_product(self: Task, event: dict[str, Any]) -> str:
     resources = process_resources()
 
     try:
+        with resources.database() as conn:
+            starts = database.count_attempt(conn, product.event_id)
+        if starts > MAX_STARTS:
+            return _abandon(product, resources, f"started {starts} times without finishing")
         enrichment = _outcome(product, resources)
         with app.producer_or_acquire() as producer:
             written = commit(enrichment, resources, producer)
     except TransientFault as exc:
+        if self.request.retries >= MAX_RETRIES:
+            return _abandon(
+                product, resources, f"{exc} (still failing after {MAX_RETRIES} retries)"
+            )
         log.warning("enrichment_retried", reason=str(exc), attempt=self.request.retries + 1)
         raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc
 
@@ -108,6 +118,23 @@ def _outcome(product: ProductCreated, resources: Resources) -> Enrichment:
         log.exception("enrichment_crashed")
         _dead_letter(product, kind="unexpected", reason=repr(exc))
         return failed(product, models, reason=repr(exc)[:500], kind="unexpected", stage=None)
+
+
+def _abandon(product: ProductCreated, resources: Resources, reason: str) -> str:
+    """Give up on an event: park it with the reason and, where the database answers, record
+    a failed enrichment. Nothing loops forever and nothing is dropped."""
+    _dead_letter(product, kind="abandoned", reason=reason)
+    log.error("enrichment_abandoned", reason=reason, outcome="dead_lettered")
+    try:
+        with app.producer_or_acquire() as producer:
+            commit(
+                failed(product, resources.models, reason=reason, kind="abandoned", stage=None),
+                resources,
+                producer,
+            )
+    except TransientFault as exc:
+        log.warning("failure_not_recorded", reason=str(exc))
+    return "abandoned"
 
 
 def _dead_letter(product: ProductCreated, *, kind: str, reason: str) -> None:

@@ -18,6 +18,7 @@ from tests.schemas.test_events import product_payload
 from worker.events import dead_letter_queue, publish_events
 from worker.local import CompletionListener, LocalStack, worker_process
 from worker.stores import database, objects
+from worker.tasks import MAX_STARTS
 
 pytestmark = pytest.mark.slow
 
@@ -177,3 +178,27 @@ def test_an_unreadable_image_ends_as_a_failed_enrichment_with_its_reason(
         ).fetchone()
     assert row[0] == "failed" and row[1] == "unreadable_image"
     assert "not a readable image" in row[2]
+
+
+def test_an_event_that_keeps_killing_its_worker_is_dead_lettered_not_redelivered_forever(
+    stack: LocalStack, s3: objects.S3Client, listener: CompletionListener, datasets: Path
+) -> None:
+    photo = next((datasets / "clothing-small" / "validation" / "shorts").glob("*.jpg"))
+    event = event_for(upload(s3, f"e2e/{uuid.uuid4().hex}.jpg", photo.read_bytes()))
+    with database.connect(stack.settings.database_url.get_secret_value()) as conn:
+        conn.execute(  # as if nine earlier deliveries had each died with their worker
+            "INSERT INTO attempts (event_id, attempts) VALUES (%s, %s)",
+            (event["event_id"], MAX_STARTS),
+        )
+        conn.commit()
+
+    publish(stack, json.dumps(event))
+    completions = completions_of(listener, event)
+    parked = dead_letters(stack)
+
+    assert [c["status"] for c in completions] == ["failed"]
+    assert "started 10 times" in completions[0]["reason"]
+    assert any(
+        h["x-error-kind"] == "abandoned" and json.loads(body)["event_id"] == event["event_id"]
+        for h, body in parked
+    )

@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+from uuid import UUID
 
 import numpy as np
 import numpy.typing as npt
@@ -240,6 +241,18 @@ def _upsert_embedding(
             enrichment_id,
         ),
     )
+
+
+def count_attempt(conn: psycopg.Connection[Any], event_id: UUID) -> int:
+    """Record that an event's task started once more; returns how often it has started."""
+    with conn.transaction():
+        row = conn.execute(
+            "INSERT INTO attempts (event_id, attempts) VALUES (%s, 1)"
+            " ON CONFLICT (event_id) DO UPDATE SET attempts = attempts.attempts + 1,"
+            " last_at = now() RETURNING attempts",
+            (event_id,),
+        ).fetchone()
+    return int(row[0]) if row else 1
 
 
 @dataclass(frozen=True)
