@@ -80,6 +80,25 @@ class Settings(BaseSettings):
     images: ImageSettings = Field(default_factory=ImageSettings)
     log_json: bool | None = Field(default=None, description="Unset means JSON off a terminal.")
     log_level: str = "INFO"
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address of /metrics and /healthz/*; 0.0.0.0 in a container.",
+    )
+    metrics_port: int = Field(
+        default=9540, ge=0, le=65535, description="Port of /metrics and /healthz/*; 0 is off."
+    )
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="Folder of the pool processes' metric files; unset means a new temporary one.",
+    )
+    liveness_stall_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Messages waiting and no progress for this long: the worker is not live.",
+    )
+    health_timeout_s: float = Field(
+        default=3.0, gt=0, description="Timeout of each broker and database check."
+    )
 
 
 @lru_cache(maxsize=1)

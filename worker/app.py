@@ -7,12 +7,16 @@ from typing import Any
 from celery import Celery, signals
 
 from schemas.settings import get_settings
+from worker.health import HealthStep
 from worker.intake import IntakeStep
 from worker.logging import configure_logging
+from worker.signals import connect as connect_signals
 
 app = Celery("catalog_enrichment", include=["worker.tasks"])
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(IntakeStep)
+app.steps["worker"].add(HealthStep)
+connect_signals()
 
 
 @signals.setup_logging.connect

@@ -29,6 +29,7 @@ from schemas.events import (
     Status,
 )
 from schemas.settings import Settings
+from worker import metrics
 from worker.errors import TransientFault
 from worker.models import Models
 from worker.stores import database, objects, outbox
@@ -82,6 +83,7 @@ def enrich(event: ProductCreated, resources: Resources) -> Enrichment:
     with _timed(timings, "fetch"):
         images = [_fetch(url, resources) for url in (image.url for image in event.images)]
     pixels = [image.pixels for image in images]
+    metrics.batch_started(len(pixels))
 
     with _timed(timings, Stage.SEGMENTATION):
         segmentations = models.segmenter.segment(pixels)
@@ -97,6 +99,7 @@ def enrich(event: ProductCreated, resources: Resources) -> Enrichment:
             for image, segmentation, tag in zip(images, segmentations, tags, strict=True)
         ]
     timings["total"] = _ms_since(started)
+    metrics.enrichment_timed(timings["total"])
 
     completed = EnrichmentCompleted(
         event_type=EventType.PRODUCT_ENRICHED,
@@ -209,6 +212,7 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     started = time.perf_counter()
     yield
     timings[str(name)] = _ms_since(started)
+    metrics.stage_finished(str(name), timings[str(name)])
     log.debug("stage_finished", stage=str(name), duration_ms=timings[str(name)])
 
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from handlers.base import StageError
 from schemas.events import ProductCreated
 from schemas.settings import get_settings
+from worker import metrics
 from worker.app import app
 from worker.enrichment import Enrichment, Resources, commit, enrich, failed
 from worker.errors import InvalidEvent, TransientFault, UnreadableImage
@@ -38,9 +39,11 @@ def process_resources() -> Resources:
             settings = get_settings()
             client = objects.make_client(settings.s3)
             objects.ensure_bucket(client, settings.s3.mask_bucket)
+            with metrics.model_load_timer():
+                models = get_models(settings.models)
             _resources = Resources(
                 settings=settings,
-                models=get_models(settings.models),
+                models=models,
                 s3_client=client,
                 fetcher=ImageFetcher(client, settings.s3, settings.images),
             )
@@ -65,6 +68,7 @@ def enrich_product(self: Task, event: dict[str, Any]) -> str:
     structlog.contextvars.bind_contextvars(
         event_id=str(product.event_id), product_id=product.product_id, task_id=self.request.id
     )
+    metrics.event_started(product.occurred_at, attempt=self.request.retries)
     resources = process_resources()
 
     try:
@@ -81,9 +85,11 @@ def enrich_product(self: Task, event: dict[str, Any]) -> str:
                 product, resources, f"{exc} (still failing after {MAX_RETRIES} retries)"
             )
         log.warning("enrichment_retried", reason=str(exc), attempt=self.request.retries + 1)
+        metrics.enrichment_retried(exc.kind)
         raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc
 
     completed = enrichment.completed
+    metrics.enrichment_finished(completed.status, enrichment.rows.error_kind, duplicate=not written)
     log.info(
         "enrichment_finished",
         status=str(completed.status),
@@ -125,6 +131,7 @@ def _abandon(product: ProductCreated, resources: Resources, reason: str) -> str:
     a failed enrichment. Nothing loops forever and nothing is dropped."""
     _dead_letter(product, kind="abandoned", reason=reason)
     log.error("enrichment_abandoned", reason=reason, outcome="dead_lettered")
+    metrics.enrichment_finished("failed", "abandoned", duplicate=False)
     try:
         with app.producer_or_acquire() as producer:
             commit(
