@@ -93,9 +93,19 @@ class EmbeddedPostgres:
         return self
 
     def stop(self) -> None:
-        if (self.data_dir / "postmaster.pid").exists():
+        if not (self.data_dir / "postmaster.pid").exists():
+            return
+        try:
             self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
-            log.info("server_stopped", server="postgres", port=self.port)
+        except subprocess.CalledProcessError as exc:
+            log.warning(
+                "server_stop_failed",
+                server="postgres",
+                port=self.port,
+                reason=exc.stderr.decode(errors="replace").strip()[-500:],
+            )
+            return
+        log.info("server_stopped", server="postgres", port=self.port)
 
     def _prepare_os_user(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
