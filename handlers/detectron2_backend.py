@@ -201,7 +201,7 @@ def _detectron2_cfg(
 
     cfg.MODEL.WEIGHTS = str(weights)
     cfg.MODEL.DEVICE = str(device)
-    # Both heads' test thresholds: RetinaNet and FCOS read their own, R-CNNs read ROI_HEADS.
+    # R-CNNs read ROI_HEADS, RetinaNet its own: set both, whichever the config builds.
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = score_threshold
     if cfg.INPUT.FORMAT not in _INPUT_FORMATS:

@@ -6,8 +6,8 @@ A model folder holds:
 - the weights file it names: a torch state_dict, floating tensors stored as float16;
 - `MODEL_CARD.md`: data, command, training time and validation figures.
 
-The network is kept small for CPU inference: 128 FPN channels, a 256-wide box head and a
-two-layer mask head.
+The network is kept small for CPU training and inference: 96 FPN channels, a 256-wide box
+head and a two-layer, 96-channel mask head.
 """
 
 from __future__ import annotations
@@ -54,14 +54,15 @@ class Architecture(BaseModel):
 
     name: Literal["maskrcnn_efficientnet_lite0_fpn"] = ARCHITECTURE
     returned_stages: tuple[int, ...] = (2, 4, 6)
-    trainable_stages: int = Field(default=5, ge=0, le=7)
-    fpn_channels: int = 128
+    trainable_stages: int = Field(default=2, ge=0, le=7)
+    fpn_channels: int = 96
     fpn_groups: int = 32
     """GroupNorm groups in the pyramid: the trunk's features run at a standard deviation of
     about 7, which would start the heads' logits, and their losses, far too high."""
     representation_size: int = 256
-    mask_head_channels: tuple[int, ...] = (128, 128)
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256)
+    mask_head_channels: tuple[int, ...] = (96, 96)
+    anchor_sizes: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,))
+    """Anchor sizes per pyramid level, fine to coarse, "pool" last; as many per level."""
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0)
     image_mean: tuple[float, float, float] = EFFICIENTNET_LITE0_MEAN
     image_std: tuple[float, float, float] = EFFICIENTNET_LITE0_STD
@@ -151,7 +152,7 @@ def build_model(
     mask_channels = architecture.mask_head_channels
 
     anchors = AnchorGenerator(
-        sizes=tuple((size,) for size in architecture.anchor_sizes),
+        sizes=architecture.anchor_sizes,
         aspect_ratios=(architecture.aspect_ratios,) * len(architecture.anchor_sizes),
     )
     model = MaskRCNN(
@@ -172,7 +173,7 @@ def build_model(
         box_predictor=FastRCNNPredictor(architecture.representation_size, num_classes + 1),
         box_score_thresh=score_threshold,
         box_detections_per_img=detections_per_image,
-        box_batch_size_per_image=128,
+        box_batch_size_per_image=64,
         mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
         mask_head=MaskRCNNHeads(channels, list(mask_channels), dilation=1),
         mask_predictor=MaskRCNNPredictor(mask_channels[-1], mask_channels[-1], num_classes + 1),
