@@ -113,11 +113,18 @@ def delete_queues(settings: Settings) -> None:
 
 @contextmanager
 def worker_process(
-    stack: LocalStack, log_file: Path, *, pool: str = "prefork"
+    stack: LocalStack, log_file: Path, *, pool: str = "prefork", concurrency: int = 1
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`enrich worker` in a child process, stopped with SIGTERM (a warm shutdown)."""
     env = {**os.environ, **stack.environment(), "ENRICH_LOG_JSON": "true"}
-    command = [sys.executable, "-m", "worker.cli", "worker", f"--pool={pool}"]
+    command = [
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "worker",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+    ]
     with log_file.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:

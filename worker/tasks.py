@@ -54,8 +54,10 @@ def process_resources() -> Resources:
 
 
 def backoff_s(retries: int) -> float:
-    """Exponential backoff with full jitter: 1 s, 2 s, 4 s ... capped at 60 s."""
-    return random.uniform(0, min(60.0, 2.0**retries))
+    """Exponential backoff with equal jitter: 2, 4, 8 ... s capped at 300 s, each between
+    half and all of that, so that six retries span at least a minute of outage."""
+    ceiling = min(300.0, 2.0 ** (retries + 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 @app.task(bind=True, name="enrichment.enrich_product", max_retries=MAX_RETRIES)
