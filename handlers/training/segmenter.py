@@ -780,9 +780,10 @@ def _model_card(summary: Mapping[str, Any]) -> str:
     return f"""# {MODEL_NAME}
 
 Garment instance segmentation: torchvision Mask R-CNN on an EfficientNet-Lite0 + FPN
-backbone (128 channels), for the segmentation stage (`handlers.segmentation`, backend
-`torchvision`). Masks come at the photo's size; instances scoring under
-{summary["score_threshold"]} are dropped unless the worker sets its own threshold.
+backbone ({_architecture().fpn_channels} channels), for the segmentation stage
+(`handlers.segmentation`, backend `torchvision`). Masks come at the photo's size;
+instances scoring under {summary["score_threshold"]} are dropped unless the worker sets
+its own threshold.
 
 Classes: {classes}.
 Each gathers CCP classes, listed in `config.json` under `training.ccp_classes`; other
