@@ -187,13 +187,9 @@ def decode_image(url: str, data: bytes, *, max_pixels: int) -> DecodedImage:
         raise
     except UnidentifiedImageError as exc:
         raise UnreadableImage(url, "not a readable image: no image format recognised") from exc
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(url, f"over the limit of {max_pixels} pixels: {exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise UnreadableImage(url, f"not a readable image: {exc}") from exc
 
     return DecodedImage(url=url, sha256=hashlib.sha256(data).hexdigest(), pixels=pixels)

@@ -82,3 +82,39 @@ def test_the_content_hash_names_the_bytes() -> None:
     second = decode_image("s3://other/key.png", data, max_pixels=100)
 
     assert first.sha256 == second.sha256 and len(first.sha256) == 64
+
+
+def test_a_cmyk_jpeg_decodes_to_rgb() -> None:
+    image = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red in CMYK
+
+    decoded = decode_image(URL, encode(image, "JPEG"), max_pixels=100)
+
+    red, green, blue = decoded.pixels[4, 4].tolist()
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_a_palette_png_with_a_transparent_entry_decodes_over_white() -> None:
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 255] + [0, 0, 0] * 255)
+    image.putpixel((0, 0), 1)
+    data = encode(image, "PNG", transparency=1)
+
+    decoded = decode_image(URL, data, max_pixels=100)
+
+    assert decoded.pixels[1, 1].tolist() == [0, 0, 255]
+    assert decoded.pixels[0, 0].tolist() == [255, 255, 255]
+
+
+def test_a_one_pixel_image_decodes() -> None:
+    decoded = decode_image(URL, encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), max_pixels=100)
+
+    assert decoded.pixels.shape == (1, 1, 3)
+
+
+def test_a_decompression_bomb_is_refused_by_its_header_alone() -> None:
+    header_only = encode(Image.new("1", (20_000, 20_000)), "PNG")
+
+    with pytest.raises(UnreadableImage) as caught:
+        decode_image(URL, header_only, max_pixels=40_000_000)
+
+    assert "over the limit" in caught.value.reason
