@@ -178,15 +178,39 @@ def train_segmenter(
     data: Annotated[Path, typer.Option(help="The CCP dataset folder.")] = DEFAULT_CCP,
     out: Annotated[Path, typer.Option(help="Model folder to write.")] = REPO_ROOT
     / "models/segmenter",
-    epochs: Annotated[int, typer.Option()] = 6,
-    image_size: Annotated[int, typer.Option(help="Shorter side in pixels.")] = 384,
+    epochs: Annotated[int, typer.Option()] = 4,
+    image_size: Annotated[int, typer.Option(help="Shorter side in pixels.")] = 288,
     seed: Annotated[int, typer.Option()] = 0,
+    batch_size: Annotated[int, typer.Option()] = 4,
+    learning_rate: Annotated[float, typer.Option()] = 5e-4,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Stop fitting after this long (CPU runs).")
+    ] = 20.0,
+    threads: Annotated[int, typer.Option(help="torch threads on the CPU.")] = 1,
+    score_threshold: Annotated[float, typer.Option(help="Shipped instance threshold.")] = 0.4,
+    products: Annotated[
+        Path | None, typer.Option(help="Product photos to spot-check (clothing-small).")
+    ] = DEFAULT_CCP.parent / "clothing-small" / "validation",
+    device: Annotated[str | None, typer.Option(help="cuda or cpu; unset picks CUDA.")] = None,
 ) -> None:
     """Fine-tune the Mask R-CNN segmenter (EfficientNet-Lite0 backbone) on CCP."""
     from handlers.training.segmenter import train_segmenter as train
 
     _setup_logging()
-    figures = train(data, out, epochs=epochs, image_size=image_size, seed=seed)
+    figures = train(
+        data,
+        out,
+        epochs=epochs,
+        image_size=image_size,
+        seed=seed,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        max_minutes=max_minutes,
+        num_threads=threads,
+        score_threshold=score_threshold,
+        device=device,
+        products_root=products,
+    )
     typer.echo(figures)
 
 
