@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
+import structlog
 from celery import Celery, signals
 
+from handlers.base import ModelLoadError
 from schemas.settings import get_settings
 from worker.health import HealthStep
 from worker.intake import IntakeStep
@@ -27,7 +31,16 @@ def _setup_logging(**_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _load_models_after_fork(**_: Any) -> None:
-    """Each pool process loads its own models once, after the fork (CUDA cannot cross it)."""
+    """Each pool process loads its own models once, after the fork (CUDA cannot cross it).
+
+    A model that cannot load stops the whole worker: a pool that respawns processes which
+    cannot work would only take messages and hand them back.
+    """
     from worker.tasks import process_resources
 
-    process_resources()
+    try:
+        process_resources()
+    except ModelLoadError:
+        structlog.get_logger(__name__).critical("worker_cannot_start", exc_info=True)
+        os.kill(os.getppid(), signal.SIGTERM)
+        raise

@@ -8,9 +8,10 @@ from typing import Any
 
 import structlog
 from celery import Task
+from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from handlers.base import StageError
+from handlers.base import ModelLoadError, StageError
 from schemas.events import ProductCreated
 from schemas.settings import get_settings
 from worker import metrics
@@ -71,7 +72,10 @@ def enrich_product(self: Task, event: dict[str, Any]) -> str:
         event_id=str(product.event_id), product_id=product.product_id, task_id=self.request.id
     )
     metrics.event_started(product.occurred_at, attempt=self.request.retries)
-    resources = process_resources()
+    try:
+        resources = process_resources()
+    except ModelLoadError as exc:
+        raise Reject(f"models cannot load: {exc}", requeue=True) from exc
 
     try:
         with resources.database() as conn:
