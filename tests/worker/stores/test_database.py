@@ -69,7 +69,12 @@ def test_migrations_run_twice_at_once_apply_each_migration_once(stack: LocalStac
     assert results == [[], []]  # the stack migrated already; both runs find nothing to do
     with database.connect(url) as conn:
         names = [row[0] for row in conn.execute("SELECT name FROM schema_migrations")]
-    assert names == ["0001_initial.sql", "0002_outbox.sql", "0003_attempts.sql"]
+    assert names == [
+        "0001_initial.sql",
+        "0002_outbox.sql",
+        "0003_attempts.sql",
+        "0004_similarity.sql",
+    ]
 
 
 def test_writes_a_products_rows_in_one_transaction(conn) -> None:  # type: ignore[no-untyped-def]
