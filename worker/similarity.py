@@ -17,6 +17,8 @@ import structlog
 
 from schemas.queries import SimilarityQuery, SimilarProduct
 
+__all__ = ["SimilarProduct", "SimilarityNotFound", "SimilarityQuery", "TextEncoder"]
+
 log = structlog.get_logger(__name__)
 
 
