@@ -44,14 +44,9 @@ def create_app(*, database_url: str, load_encoder: EncoderFactory) -> FastAPI:
 
 
 def from_settings(settings: Settings) -> FastAPI:
-    def load_encoder() -> similarity.TextEncoder:
-        from handlers.embedding import TextEmbedder, default_embedding_model_dir
-
-        model_dir = settings.models.embedding_dir or default_embedding_model_dir()
-        return TextEmbedder(model_dir=model_dir, device=settings.models.device)
-
     return create_app(
-        database_url=settings.database_url.get_secret_value(), load_encoder=load_encoder
+        database_url=settings.database_url.get_secret_value(),
+        load_encoder=lambda: similarity.load_text_encoder(settings),
     )
 
 

@@ -123,6 +123,49 @@ def show(
 
 
 @app.command()
+def similar(
+    product_id: Annotated[str | None, typer.Argument(help="The product to compare.")] = None,
+    text: Annotated[str | None, typer.Option(help="Search by this text instead.")] = None,
+    k: Annotated[int, typer.Option("-k", help="How many products.")] = 10,
+    label: Annotated[list[str] | None, typer.Option(help="Only products with this label.")] = None,
+    attribute: Annotated[
+        list[str] | None, typer.Option(help="Only products with this attribute.")
+    ] = None,
+    model_version: Annotated[
+        str | None, typer.Option(help="The embedding space; unset means the current one.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Products most similar to a product, or to a text (`--text`)."""
+    from schemas.queries import SimilarityQuery
+    from worker.similarity_cli import print_similar
+
+    if (product_id is None) == (text is None):
+        typer.echo("give either PRODUCT_ID or --text", err=True)
+        raise typer.Exit(2)
+
+    _setup_logging()
+    query = SimilarityQuery(
+        k=k, labels=label or [], attributes=attribute or [], model_version=model_version
+    )
+    raise typer.Exit(print_similar(get_settings(), query, product_id, text, as_json=as_json))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """Serve similarity queries over HTTP (OpenAPI schema at /docs)."""
+    import uvicorn
+
+    from worker.api import from_settings
+
+    _setup_logging()
+    uvicorn.run(from_settings(get_settings()), host=host, port=port)
+
+
+@app.command()
 def demo(
     data: Annotated[Path, typer.Option(help="The shared datasets folder.")] = DEFAULT_CCP.parent,
     products: Annotated[int, typer.Option(help="How many products to enrich.")] = 24,

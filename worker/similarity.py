@@ -16,6 +16,7 @@ import psycopg.errors
 import structlog
 
 from schemas.queries import SimilarityQuery, SimilarProduct
+from schemas.settings import Settings
 
 __all__ = ["SimilarProduct", "SimilarityNotFound", "SimilarityQuery", "TextEncoder"]
 
@@ -78,6 +79,14 @@ def similar_to_text(
     embedding = encoder.embed([text])[0]
     in_encoder_space = query.model_copy(update={"model_version": encoder.model_version})
     return similar_to_embedding(conn, embedding, in_encoder_space)
+
+
+def load_text_encoder(settings: Settings) -> TextEncoder:
+    """The worker's embedding model, so that query texts land in the products' space."""
+    from handlers.embedding import TextEmbedder, default_embedding_model_dir
+
+    model_dir = settings.models.embedding_dir or default_embedding_model_dir()
+    return TextEmbedder(model_dir=model_dir, device=settings.models.device)
 
 
 def current_model_version(conn: psycopg.Connection[Any]) -> str | None:
