@@ -1,0 +1,549 @@
+"""Training and evaluation of the tagger on CCP's image-level tagged photos (ids 1005-1990).
+
+The worker imports this module too, when it unpickles a tagger export: the export refers
+to `PhotoTags` by name, so it must stay importable here under that name.
+
+Run as `python -m handlers.training.tagger --data ../shared/datasets/ccp --out models/tagger`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TypedDict
+
+import fastai.callback.schedule  # noqa: F401 (adds Learner.fine_tune)
+import numpy as np
+import numpy.typing as npt
+import structlog
+import torch
+from fastai.callback.channelslast import ChannelsLast
+from fastai.learner import Learner
+from fastai.metrics import accuracy_multi
+from fastai.torch_core import set_seed
+from fastai.vision.augment import Resize, ResizeMethod, aug_transforms
+from fastai.vision.data import (
+    DataBlock,
+    FuncSplitter,
+    ImageBlock,
+    MultiCategoryBlock,
+    Normalize,
+)
+from fastai.vision.learner import vision_learner
+from torch import nn
+
+from handlers.backbones import (
+    EFFICIENTNET_LITE0_MEAN,
+    EFFICIENTNET_LITE0_STD,
+    efficientnet_lite0,
+)
+from handlers.base import ModelLoadError, model_version
+from handlers.tagging import CONFIG_FILE, EXPORT_FILE, ExportVersions, Tagger, TaggerConfig
+from handlers.training.ccp import (
+    DEFAULT_CCP_ROOT,
+    image_annotated_ids,
+    load_image_tags,
+    load_label_names,
+    load_photo,
+    photo_path,
+)
+
+log = structlog.get_logger(__name__)
+
+VALIDATION_EVERY = 5
+"""Photos whose id is a multiple of 5 are the validation set (198 of 986), the rest train."""
+
+EXCLUDED_LABELS = frozenset(
+    {"null", "skin", "hair", "accessories", "bracelet", "earrings", "necklace", "ring", "watch"}
+)
+"""Never tagged: body parts and background are in every photo, `accessories` is a catch-all,
+and jewellery is a few pixels wide at the training size."""
+
+MIN_LABEL_COUNT = 50
+"""A label is kept when at least this many of the 788 training photos carry it: 28 labels
+from bag (420) to shorts (57) and glasses (56), each on at least 9 validation photos. Vest
+(39), wedges, flats, jumper, leggings, cardigan (22) and rarer ones fall short."""
+
+BACKBONE_CUT = -2
+"""timm's EfficientNet ends in global_pool and classifier; fastai's head replaces both."""
+
+MODEL_CARD_FILE = "MODEL_CARD.md"
+MAX_FOLDER_BYTES = 30 * 1024 * 1024
+
+
+class LabelScores(TypedDict):
+    f1: float
+    precision: float
+    recall: float
+    support: int
+
+
+class EvaluationReport(TypedDict):
+    """F1 of a tagger folder on the validation photos, at the tagger's thresholds.
+
+    `model_version` is the folder's version when it was evaluated.
+    """
+
+    model_version: str
+    num_images: int
+    thresholds: dict[str, float]
+    micro_f1: float
+    macro_f1: float
+    per_label: dict[str, LabelScores]
+
+
+class TrainingReport(TypedDict):
+    """What `train_tagger` did: its options, the data, the time, and the folder's F1."""
+
+    data_root: str
+    out_dir: str
+    labels: list[str]
+    num_train: int
+    num_validation: int
+    epochs: int
+    image_size: int
+    seed: int
+    threshold: float
+    freeze_epochs: int
+    base_lr: float
+    lr_mult: float
+    batch_size: int
+    min_label_count: int
+    device: str
+    train_seconds: float
+    export_bytes: int
+    evaluation: EvaluationReport
+
+
+@dataclass(frozen=True)
+class PhotoTags:
+    """get_y: the kept label names of a CCP photo, read from its image-level annotation.
+
+    `label_names` indexes CCP's class indices; `labels` are the names kept for training.
+    The photo's dataset root is two folders up from `photos/NNNN.jpg`.
+    """
+
+    label_names: tuple[str, ...]
+    labels: frozenset[str]
+
+    def __call__(self, path: Path) -> list[str]:
+        indices = load_image_tags(path.parent.parent, int(path.stem))
+        return [self.label_names[i] for i in indices if self.label_names[i] in self.labels]
+
+
+def is_validation(image_id: int) -> bool:
+    return image_id % VALIDATION_EVERY == 0
+
+
+def is_validation_photo(path: Path) -> bool:
+    """The splitter: a photo path is for validation when its id is."""
+    return is_validation(int(Path(path).stem))
+
+
+def choose_labels(
+    tags_by_image: Mapping[int, Sequence[str]], *, min_count: int = MIN_LABEL_COUNT
+) -> list[str]:
+    """Labels carried by at least `min_count` training photos, less EXCLUDED_LABELS, sorted."""
+    counts = Counter(
+        label
+        for image_id, labels in tags_by_image.items()
+        if not is_validation(image_id)
+        for label in set(labels)
+    )
+    return sorted(
+        label
+        for label, count in counts.items()
+        if count >= min_count and label not in EXCLUDED_LABELS
+    )
+
+
+def label_priors(
+    tags_by_image: Mapping[int, Sequence[str]], labels: Sequence[str]
+) -> npt.NDArray[np.float32]:
+    """(L,) share of the training photos that carry each label."""
+    train = [set(tags) for image_id, tags in tags_by_image.items() if not is_validation(image_id)]
+    counts = [sum(label in tags for tags in train) for label in labels]
+    return (np.array(counts) / max(len(train), 1)).astype(np.float32)
+
+
+def read_tags(data_root: Path, image_ids: Sequence[int]) -> dict[int, list[str]]:
+    """Every label name present in each photo, background excluded."""
+    names = load_label_names(data_root)
+    return {i: [names[index] for index in load_image_tags(data_root, i)] for i in image_ids}
+
+
+def train_tagger(
+    data_root: Path,
+    out_dir: Path,
+    *,
+    epochs: int,
+    image_size: int,
+    seed: int,
+    threshold: float = 0.2,
+    freeze_epochs: int = 3,
+    base_lr: float = 2e-3,
+    lr_mult: float = 10,
+    batch_size: int = 32,
+    min_label_count: int = MIN_LABEL_COUNT,
+    lin_ftrs: list[int] | None = None,
+    max_images: int | None = None,
+    num_threads: int = 1,
+    name: str = "ccp-tagger-efficientnet-lite0",
+) -> TrainingReport:
+    """Fine-tune EfficientNet-Lite0 on CCP's tagged photos and write a tagger folder.
+
+    `out_dir` gets export.pkl, tagger.json (one `threshold` for every label) and
+    MODEL_CARD.md; the returned report holds the validation F1 of the written folder.
+    `max_images` keeps the first ids only, for quick trial runs.
+    """
+    started = time.perf_counter()
+    torch.set_num_threads(num_threads)
+    set_seed(seed, reproducible=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    image_ids = image_annotated_ids(data_root)[:max_images]
+    tags = read_tags(data_root, image_ids)
+    labels = choose_labels(tags, min_count=min_label_count)
+    photos = [photo_path(data_root, i) for i in image_ids]
+    log.info("tagger_training_started", num_images=len(photos), labels=labels)
+
+    learner = _learner(data_root, photos, labels, image_size, batch_size, lin_ftrs, threshold)
+    _start_from_priors(learner, label_priors(tags, labels))
+    fit_started = time.perf_counter()
+    learner.fine_tune(epochs, base_lr=base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult)
+    train_seconds = time.perf_counter() - fit_started
+
+    device = _device_description(str(learner.dls.device))
+    export_bytes = _export(learner, out_dir, name, labels, threshold, image_size)
+    evaluation = evaluate_tagger(out_dir, data_root, image_ids=image_ids)
+
+    report = TrainingReport(
+        data_root=str(data_root),
+        out_dir=str(out_dir),
+        labels=labels,
+        num_train=len(learner.dls.train_ds),
+        num_validation=len(learner.dls.valid_ds),
+        epochs=epochs,
+        image_size=image_size,
+        seed=seed,
+        threshold=threshold,
+        freeze_epochs=freeze_epochs,
+        base_lr=base_lr,
+        lr_mult=lr_mult,
+        batch_size=batch_size,
+        min_label_count=min_label_count,
+        device=device,
+        train_seconds=round(train_seconds, 1),
+        export_bytes=export_bytes,
+        evaluation=evaluation,
+    )
+    write_model_card(out_dir, report)
+    _check_folder_size(out_dir)
+    log.info(
+        "tagger_trained",
+        model_version=model_version(name, out_dir),
+        micro_f1=evaluation["micro_f1"],
+        macro_f1=evaluation["macro_f1"],
+        train_seconds=report["train_seconds"],
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    return report
+
+
+def evaluate_tagger(
+    model_dir: Path,
+    data_root: Path,
+    *,
+    image_ids: Sequence[int] | None = None,
+    batch_size: int = 32,
+) -> EvaluationReport:
+    """Micro and macro F1 of a tagger folder on the validation photos, at its thresholds.
+
+    The photos go through `Tagger.predict_scores`, the worker's own path. `image_ids`
+    defaults to every tagged photo; only its validation ids are scored.
+    """
+    tagger = Tagger(model_dir=model_dir)
+    candidates = image_annotated_ids(data_root) if image_ids is None else image_ids
+    ids = [i for i in candidates if is_validation(i)]
+    tags = read_tags(data_root, ids)
+
+    truth = np.array([[label in tags[i] for label in tagger.labels] for i in ids], dtype=bool)
+    scores = _predict_photos(tagger, data_root, ids, batch_size)
+    thresholds = np.array([tagger.thresholds[label] for label in tagger.labels])
+    predicted = scores > thresholds
+
+    micro_f1, per_label = f1_scores(truth, predicted, tagger.labels)
+    return EvaluationReport(
+        model_version=tagger.model_version,
+        num_images=len(ids),
+        thresholds=tagger.thresholds,
+        micro_f1=micro_f1,
+        macro_f1=round(float(np.mean([s["f1"] for s in per_label.values()])), 4),
+        per_label=per_label,
+    )
+
+
+def _predict_photos(
+    tagger: Tagger, data_root: Path, image_ids: Sequence[int], batch_size: int
+) -> npt.NDArray[np.float32]:
+    """(N, L) scores of the photos, `batch_size` at a time."""
+    batches = [
+        image_ids[start : start + batch_size] for start in range(0, len(image_ids), batch_size)
+    ]
+    return np.concatenate(
+        [tagger.predict_scores([load_photo(data_root, i) for i in batch]) for batch in batches]
+    )
+
+
+def f1_scores(
+    truth: npt.NDArray[np.bool_], predicted: npt.NDArray[np.bool_], labels: Sequence[str]
+) -> tuple[float, dict[str, LabelScores]]:
+    """Micro F1 and per-label scores of (N, L) bool truth against (N, L) bool predictions.
+
+    An undefined ratio (nothing predicted, nothing true) counts as 0.
+    """
+    true_pos = (truth & predicted).sum(axis=0)
+    false_pos = (~truth & predicted).sum(axis=0)
+    false_neg = (truth & ~predicted).sum(axis=0)
+
+    per_label = {
+        label: LabelScores(
+            f1=_ratio(2 * tp, 2 * tp + fp + fn),
+            precision=_ratio(tp, tp + fp),
+            recall=_ratio(tp, tp + fn),
+            support=int(tp + fn),
+        )
+        for label, tp, fp, fn in zip(labels, true_pos, false_pos, false_neg, strict=True)
+    }
+    micro = _ratio(2 * true_pos.sum(), 2 * true_pos.sum() + false_pos.sum() + false_neg.sum())
+    return micro, per_label
+
+
+def write_model_card(out_dir: Path, report: TrainingReport) -> None:
+    """MODEL_CARD.md: data, the command that made the folder, time, device and F1."""
+    evaluation = report["evaluation"]
+    rows = [
+        f"| {label} | {s['support']} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} |"
+        for label, s in evaluation["per_label"].items()
+    ]
+    lines = [
+        "# Tagger: EfficientNet-Lite0 on Clothing Co-Parsing",
+        "",
+        f"Multi-label tagger for {len(report['labels'])} garment and accessory labels: "
+        f"{', '.join(report['labels'])}.",
+        "",
+        "## Data",
+        "",
+        f"CCP's image-level tagged photos (ids 1005-1990) from `{report['data_root']}`: "
+        f"{report['num_train']} train, {report['num_validation']} validation "
+        f"(every id divisible by {VALIDATION_EVERY}). Labels are those on at least "
+        f"{report['min_label_count']} training photos, less {', '.join(sorted(EXCLUDED_LABELS))}. "
+        "The photos are third-party street shots: for development only, never product content.",
+        "",
+        "## Training",
+        "",
+        "Made from the repository root with",
+        "",
+        "```",
+        f"python -m handlers.training.tagger {_options(report)}",
+        "```",
+        "",
+        f"which is `enrich train tagger {_options(report)}`.",
+        "",
+        "ImageNet EfficientNet-Lite0 (`handlers.backbones.efficientnet_lite0`) with fastai's "
+        "head, its output layer started at each label's training share. fastai `fine_tune`: "
+        f"{report['freeze_epochs']} epoch(s) of the head alone (batch norms frozen too), then "
+        f"{report['epochs']} epoch(s) of the whole network, batch size {report['batch_size']}. "
+        f"Photos squished to {report['image_size']} x {report['image_size']}, flips, small "
+        "rotations, zooms and lighting changes. Training took "
+        f"{report['train_seconds'] / 60:.1f} minutes on {report['device']}.",
+        "",
+        "## Validation",
+        "",
+        f"On the {evaluation['num_images']} validation photos, every threshold "
+        f"{report['threshold']}: micro F1 **{evaluation['micro_f1']:.3f}**, "
+        f"macro F1 **{evaluation['macro_f1']:.3f}**.",
+        "",
+        "| label | support | precision | recall | F1 |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        "## Limitations",
+        "",
+        "A first baseline, not a product model. CCP has few tagged photos, its labels are "
+        "noisy (some red trousers are `jeans`) and overlap (bag, purse, wallet; shoes, heels, "
+        "sandals), small items (glasses, socks, belts) are a few pixels at this size, and the "
+        "training was limited to what two shared CPU cores do in about 15 minutes. Street "
+        "photos of whole outfits are not product photos: expect different figures on a catalog.",
+        "",
+    ]
+    (out_dir / MODEL_CARD_FILE).write_text("\n".join(lines))
+
+
+def _learner(
+    data_root: Path,
+    photos: list[Path],
+    labels: list[str],
+    image_size: int,
+    batch_size: int,
+    lin_ftrs: list[int] | None,
+    threshold: float,
+) -> Learner:
+    block = DataBlock(
+        blocks=(ImageBlock, MultiCategoryBlock(vocab=labels)),
+        get_y=PhotoTags(tuple(load_label_names(data_root)), frozenset(labels)),
+        splitter=FuncSplitter(is_validation_photo),
+        item_tfms=Resize(image_size, method=ResizeMethod.Squish),
+        batch_tfms=[
+            *aug_transforms(),
+            Normalize.from_stats(EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD),
+        ],
+    )
+    loaders = block.dataloaders(photos, bs=batch_size, num_workers=0)
+
+    # normalize=False: fastai knows no statistics for a callable architecture; the
+    # backbone's own are in batch_tfms above. train_bn=False: frozen epochs then train the
+    # head alone and skip the backward pass through the body, about 3 times cheaper on CPU.
+    learner = vision_learner(
+        loaders,
+        efficientnet_lite0,
+        normalize=False,
+        cut=BACKBONE_CUT,
+        lin_ftrs=lin_ftrs,
+        metrics=[partial(accuracy_multi, thresh=threshold)],
+        cbs=[ChannelsLast()],
+        train_bn=False,
+    )
+    return learner
+
+
+def _start_from_priors(learner: Learner, priors: npt.NDArray[np.float32]) -> None:
+    """Make the untrained head predict each label's training share for every photo.
+
+    A randomly initialised output layer starts far from the label frequencies and spends
+    most of a short CPU training unlearning that. fastai's last layer has no bias (a batch
+    norm precedes it), so it is replaced by one with a zero weight and a bias of the
+    priors' log-odds; the features then only have to explain the rest.
+    """
+    head = learner.model[-1]
+    previous = head[-1]
+    if not isinstance(previous, nn.Linear) or previous.out_features != len(priors):
+        raise TypeError(f"expected the head to end in a Linear of {len(priors)}, got {previous}")
+
+    output = nn.Linear(previous.in_features, len(priors))
+    with torch.no_grad():
+        output.weight.zero_()
+        output.bias.copy_(torch.logit(torch.from_numpy(priors).clamp(1e-3, 1 - 1e-3)))
+    head[-1] = output.to(previous.weight.device)
+
+    # The optimizer made by vision_learner's freeze() holds the replaced layer's parameters.
+    learner.opt = None
+    learner.freeze()
+
+
+def _export(
+    learner: Learner, out_dir: Path, name: str, labels: list[str], threshold: float, size: int
+) -> int:
+    """Write export.pkl and tagger.json; returns export.pkl's size in bytes."""
+    learner.to_contiguous()
+    learner.path = out_dir
+    learner.export(EXPORT_FILE)
+
+    config = TaggerConfig(
+        name=name,
+        labels=[str(label) for label in learner.dls.vocab],
+        thresholds={label: threshold for label in labels},
+        image_size=size,
+        versions=ExportVersions.installed(),
+    )
+    config.write(out_dir / CONFIG_FILE)
+    return (out_dir / EXPORT_FILE).stat().st_size
+
+
+def _check_folder_size(out_dir: Path) -> None:
+    size = sum(path.stat().st_size for path in out_dir.rglob("*") if path.is_file())
+    if size > MAX_FOLDER_BYTES:
+        log.warning(
+            "model_folder_too_large",
+            out_dir=str(out_dir),
+            bytes=size,
+            limit_bytes=MAX_FOLDER_BYTES,
+            hint="shrink the head, e.g. lin_ftrs=[256]",
+        )
+
+
+def _options(report: TrainingReport) -> str:
+    return (
+        f"--data {report['data_root']} --out {report['out_dir']} --epochs {report['epochs']} "
+        f"--freeze-epochs {report['freeze_epochs']} --image-size {report['image_size']} "
+        f"--seed {report['seed']} --threshold {report['threshold']} "
+        f"--base-lr {report['base_lr']} --lr-mult {report['lr_mult']} "
+        f"--batch-size {report['batch_size']} --min-label-count {report['min_label_count']}"
+    )
+
+
+def _device_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} cores)"
+
+
+def _ratio(numerator: int | np.integer, denominator: int | np.integer) -> float:
+    return round(float(numerator) / float(denominator), 4) if denominator else 0.0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the tagger on CCP's tagged photos.")
+    parser.add_argument("--data", type=Path, default=DEFAULT_CCP_ROOT)
+    parser.add_argument("--out", type=Path, default=Path("models/tagger"))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--freeze-epochs", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threshold", type=float, default=0.2)
+    parser.add_argument("--base-lr", type=float, default=2e-3)
+    parser.add_argument("--lr-mult", type=float, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--min-label-count", type=int, default=MIN_LABEL_COUNT)
+    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--evaluate-only", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.evaluate_only:
+        result: Mapping[str, object] = evaluate_tagger(args.out, args.data)
+    else:
+        result = train_tagger(
+            args.data,
+            args.out,
+            epochs=args.epochs,
+            freeze_epochs=args.freeze_epochs,
+            image_size=args.image_size,
+            seed=args.seed,
+            threshold=args.threshold,
+            base_lr=args.base_lr,
+            lr_mult=args.lr_mult,
+            batch_size=args.batch_size,
+            min_label_count=args.min_label_count,
+            max_images=args.max_images,
+        )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, not this __main__ copy's: an export made here would
+    # otherwise hold PhotoTags from __main__, pickled by value with this file's path.
+    from handlers.training.tagger import main as importable_main
+
+    try:
+        importable_main()
+    except ModelLoadError as error:
+        raise SystemExit(str(error)) from error
