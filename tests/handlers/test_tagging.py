@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import importlib
+import json
+import pickle
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import fastai
+import numpy as np
+import pytest
+from fastai.data.block import DataBlock, MultiCategoryBlock
+from fastai.data.transforms import IndexSplitter
+from fastai.learner import Learner
+from fastai.losses import BCEWithLogitsLossFlat
+from fastai.vision.augment import Resize
+from fastai.vision.data import ImageBlock
+from PIL import Image
+from structlog.testing import capture_logs
+from torch import nn
+
+from handlers.base import ModelLoadError, StageError
+from handlers.tagging import CONFIG_FILE, EXPORT_FILE, ExportVersions, Tagger, TaggerConfig
+from handlers.training.ccp import load_photo
+from schemas.settings import REPO_ROOT
+
+SHIPPED_TAGGER = REPO_ROOT / "models" / "tagger"
+
+JEANS_PHOTO = 1940
+"""A validation photo (id divisible by 5) whose CCP tags include jeans."""
+
+
+@pytest.fixture(scope="session")
+def tagger() -> Tagger:
+    return Tagger(model_dir=SHIPPED_TAGGER, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def jeans_photo(datasets: Path) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    return load_photo(datasets / "ccp", JEANS_PHOTO)
+
+
+def test_the_shipped_tagger_finds_jeans_on_a_validation_photo_of_jeans(
+    tagger: Tagger, jeans_photo: np.ndarray[Any, np.dtype[np.uint8]]
+) -> None:
+    (tags,) = tagger.tag([jeans_photo])
+
+    top_labels = [label.label for label in tags.labels[:3]]
+    assert "jeans" in top_labels
+
+
+def test_tags_hold_a_probability_for_every_label_and_sort_the_kept_ones(
+    tagger: Tagger, jeans_photo: np.ndarray[Any, np.dtype[np.uint8]]
+) -> None:
+    (tags,) = tagger.tag([jeans_photo])
+
+    kept_scores = [label.score for label in tags.labels]
+    assert sorted(tags.scores) == sorted(tagger.labels)
+    assert all(0.0 <= score <= 1.0 for score in tags.scores.values())
+    assert kept_scores == sorted(kept_scores, reverse=True)
+    assert all(label.score > tagger.thresholds[label.label] for label in tags.labels)
+
+
+def test_a_batch_scores_each_image_as_if_it_were_alone(
+    tagger: Tagger, jeans_photo: np.ndarray[Any, np.dtype[np.uint8]]
+) -> None:
+    flipped = np.ascontiguousarray(jeans_photo[:, ::-1])
+    alone = np.concatenate([tagger.predict_scores([image]) for image in (jeans_photo, flipped)])
+
+    batch = tagger.predict_scores([jeans_photo, flipped])
+
+    assert batch.shape == (2, len(tagger.labels))
+    np.testing.assert_allclose(batch, alone, atol=1e-4)
+
+
+def test_an_image_that_is_not_rgb_is_a_stage_error(tagger: Tagger) -> None:
+    grey = np.zeros((32, 32), dtype=np.uint8)
+
+    with pytest.raises(StageError) as caught:
+        tagger.tag([grey])
+
+    assert "(32, 32)" in caught.value.reason
+
+
+def test_thresholds_are_read_from_tagger_json(
+    tmp_path: Path, jeans_photo: np.ndarray[Any, np.dtype[np.uint8]]
+) -> None:
+    folder = _copy_of_shipped_tagger(tmp_path)
+    config = TaggerConfig.read(folder / CONFIG_FILE)
+    thresholds = {label: 0.999 if label == "jeans" else 0.001 for label in config.labels}
+    config.model_copy(update={"thresholds": thresholds}).write(folder / CONFIG_FILE)
+
+    (tags,) = Tagger(model_dir=folder, device="cpu").tag([jeans_photo])
+
+    kept = {label.label for label in tags.labels}
+    assert "jeans" not in kept
+    assert kept == {label for label, score in tags.scores.items() if score > 0.001} - {"jeans"}
+
+
+def test_a_fastai_version_mismatch_logs_a_warning_naming_both_versions(tmp_path: Path) -> None:
+    folder = _copy_of_shipped_tagger(tmp_path)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["versions"]["fastai"] = "2.7.0"
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+
+    with capture_logs() as logs:
+        Tagger(model_dir=folder, device="cpu")
+
+    (warning,) = [entry for entry in logs if entry["event"] == "model_version_mismatch"]
+    assert warning["log_level"] == "warning"
+    assert warning["exported_version"] == "2.7.0"
+    assert warning["installed_version"] == fastai.__version__
+
+
+def test_a_function_missing_from_main_is_a_model_load_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    main_module = sys.modules["__main__"]
+    label_func = _notebook_function("notebook_label_func")
+    monkeypatch.setattr(main_module, "notebook_label_func", label_func, raising=False)
+    # Older fastai exported with pickle, which refers to __main__'s functions by name.
+    _export_tiny_tagger(tmp_path, label_func, pickle_module=pickle)
+    monkeypatch.delattr(main_module, "notebook_label_func")
+
+    with pytest.raises(ModelLoadError) as caught:
+        Tagger(model_dir=tmp_path, device="cpu")
+
+    message = str(caught.value)
+    assert "'notebook_label_func'" in message
+    assert "__main__" in message
+    assert "importable module such as handlers.training.tagger" in message
+
+
+def test_a_removed_module_is_a_model_load_error_naming_the_function_and_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = _throwaway_module(tmp_path, monkeypatch, "throwaway_labels")
+    _export_tiny_tagger(tmp_path / "tagger", module.label_func)
+    (tmp_path / "throwaway_labels.py").unlink()
+    monkeypatch.delitem(sys.modules, "throwaway_labels")
+    importlib.invalidate_caches()
+
+    with pytest.raises(ModelLoadError) as caught:
+        Tagger(model_dir=tmp_path / "tagger", device="cpu")
+
+    assert "'label_func'" in str(caught.value)
+    assert "'throwaway_labels'" in str(caught.value)
+
+
+def test_a_corrupt_export_is_a_model_load_error_with_its_cause(tmp_path: Path) -> None:
+    folder = _copy_of_shipped_tagger(tmp_path)
+    (folder / EXPORT_FILE).write_bytes(b"not a pickle")
+
+    with pytest.raises(ModelLoadError) as caught:
+        Tagger(model_dir=folder, device="cpu")
+
+    assert "cannot unpickle" in str(caught.value)
+    assert caught.value.__cause__ is not None
+
+
+def test_a_folder_without_tagger_json_is_a_model_load_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError) as caught:
+        Tagger(model_dir=tmp_path, device="cpu")
+
+    assert CONFIG_FILE in str(caught.value)
+
+
+def test_thresholds_must_name_every_label() -> None:
+    with pytest.raises(ValueError, match="missing=\\['b'\\]"):
+        TaggerConfig(
+            name="tiny",
+            labels=["a", "b"],
+            thresholds={"a": 0.2},
+            image_size=8,
+            versions=ExportVersions.installed(),
+        )
+
+
+def _copy_of_shipped_tagger(tmp_path: Path) -> Path:
+    folder = tmp_path / "tagger"
+    folder.mkdir()
+    for name in (EXPORT_FILE, CONFIG_FILE):
+        shutil.copy(SHIPPED_TAGGER / name, folder / name)
+    return folder
+
+
+def _notebook_function(name: str) -> Callable[[Path], Any]:
+    """A function that claims to come from __main__, as one defined in a notebook does."""
+
+    # Returns Any: fasttransform casts to a get_y's return annotation and fails on list[str].
+    def label_func(path: Path) -> Any:
+        return ["a"] if path.stem.endswith("0") else ["b"]
+
+    label_func.__module__ = "__main__"
+    label_func.__qualname__ = label_func.__name__ = name
+    return label_func
+
+
+def _throwaway_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
+    source = "def label_func(path):\n    return ['a'] if path.stem.endswith('0') else ['b']\n"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return importlib.import_module(name)
+
+
+def _export_tiny_tagger(
+    folder: Path, label_func: Callable[[Path], Any], pickle_module: Any = None
+) -> None:
+    """A two-label learner on four 8x8 photos whose get_y is `label_func`, and its config."""
+    photos = folder / "photos"
+    photos.mkdir(parents=True)
+    for index in range(4):
+        Image.new("RGB", (8, 8), (60 * index, 0, 0)).save(photos / f"{index}0{index}.png")
+    block = DataBlock(
+        blocks=(ImageBlock, MultiCategoryBlock(vocab=["a", "b"])),
+        get_y=label_func,
+        splitter=IndexSplitter([0]),
+        item_tfms=Resize(8),
+    )
+    loaders = block.dataloaders(sorted(photos.iterdir()), bs=2, num_workers=0)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    learner = Learner(loaders, model, loss_func=BCEWithLogitsLossFlat(), path=folder)
+
+    if pickle_module is None:
+        learner.export(EXPORT_FILE)
+    else:
+        learner.export(EXPORT_FILE, pickle_module=pickle_module)
+    TaggerConfig(
+        name="tiny",
+        labels=["a", "b"],
+        thresholds={"a": 0.5, "b": 0.5},
+        image_size=8,
+        versions=ExportVersions.installed(),
+    ).write(folder / CONFIG_FILE)
