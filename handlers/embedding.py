@@ -21,6 +21,7 @@ import structlog
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from handlers.base import ModelLoadError, Stage, StageError, model_version
 
@@ -148,6 +149,8 @@ def _load(model_dir: Path, device: torch.device) -> tuple[Any, Any]:
             "model folder with config.json, the weights and the tokenizer files"
         )
 
+    # A worker logs JSON lines; transformers' progress bars would interleave raw text.
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)

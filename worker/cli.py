@@ -261,16 +261,35 @@ def train_segmenter(
 def train_tagger(
     data: Annotated[Path, typer.Option(help="The CCP dataset folder.")] = DEFAULT_CCP,
     out: Annotated[Path, typer.Option(help="Model folder to write.")] = REPO_ROOT / "models/tagger",
-    epochs: Annotated[int, typer.Option()] = 4,
+    epochs: Annotated[int, typer.Option(help="Epochs of the whole network.")] = 3,
+    freeze_epochs: Annotated[int, typer.Option(help="Head-only epochs first.")] = 3,
     image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
     seed: Annotated[int, typer.Option()] = 0,
     threshold: Annotated[float, typer.Option(help="Score threshold for every label.")] = 0.2,
+    base_lr: Annotated[float, typer.Option()] = 2e-3,
+    lr_mult: Annotated[float, typer.Option()] = 10,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    min_label_count: Annotated[int, typer.Option(help="Labels on fewer photos are left out.")] = 50,
+    threads: Annotated[int, typer.Option(help="torch threads on the CPU.")] = 1,
 ) -> None:
     """Fine-tune the fastai multi-label tagger (EfficientNet-Lite0 backbone) on CCP tags."""
     from handlers.training.tagger import train_tagger as train
 
     _setup_logging()
-    figures = train(data, out, epochs=epochs, image_size=image_size, seed=seed, threshold=threshold)
+    figures = train(
+        data,
+        out,
+        epochs=epochs,
+        image_size=image_size,
+        seed=seed,
+        threshold=threshold,
+        freeze_epochs=freeze_epochs,
+        base_lr=base_lr,
+        lr_mult=lr_mult,
+        batch_size=batch_size,
+        min_label_count=min_label_count,
+        num_threads=threads,
+    )
     typer.echo(figures)
 
 

@@ -1,1 +1,2 @@
-"""Training and evaluation of the stages' models; not imported by the worker at run time."""
+"""Training and evaluation of the stages' models. The worker imports only what a model export
+names (the tagger's item and label functions in handlers.training.tagger) when it unpickles."""
