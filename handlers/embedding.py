@@ -150,7 +150,7 @@ def _load(model_dir: Path, device: torch.device) -> tuple[Any, Any]:
         )
 
     # A worker logs JSON lines; transformers' progress bars would interleave raw text.
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
