@@ -36,6 +36,9 @@ worker_prefetch_multiplier = 1
 # One process holds the models; on a GPU more processes only compete for it.
 worker_concurrency = 1
 worker_max_tasks_per_child = None
+# A pool process loads its models before it reports for work; on a busy CPU that takes far
+# longer than Celery's default 4 s, after which the process would be killed and respawned.
+worker_proc_alive_timeout = 180
 worker_hijack_root_logger = False
 worker_redirect_stdouts = False
 worker_send_task_events = True
