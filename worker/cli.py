@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +38,10 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="Pool processes; each loads the models.")] = 1,
     pool: Annotated[str, typer.Option(help="Celery pool: prefork, solo or threads.")] = "prefork",
     loglevel: Annotated[str, typer.Option(help="Celery's log level.")] = "INFO",
+    hostname: Annotated[
+        str | None,
+        typer.Option(help="Node name; unset gives enrich-PID@HOST, unique on a shared broker."),
+    ] = None,
 ) -> None:
     """Consume product-created events and enrich each product."""
     from worker.app import app as celery_app
@@ -53,6 +58,7 @@ def worker(
             f"--concurrency={concurrency}",
             f"--pool={pool}",
             f"--loglevel={loglevel}",
+            f"--hostname={hostname or f'enrich-{os.getpid()}@%h'}",
             "--without-gossip",
             "--without-mingle",
         ]

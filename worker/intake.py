@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from schemas.events import ProductCreated
 from schemas.settings import get_settings
+from worker import metrics
 from worker.errors import InvalidEvent
 from worker.events import dead_letter, intake_queue
 
@@ -75,6 +76,7 @@ class IntakeStep(bootsteps.ConsumerStep):
                 reason=str(exc),
                 routing_key=routing_key,
             )
+        metrics.consumer_heartbeat(metrics.Consumer.INTAKE)
         log.warning(
             "event_rejected",
             field=exc.field,
