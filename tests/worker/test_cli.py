@@ -10,8 +10,20 @@ runner = CliRunner()
 
 @pytest.mark.parametrize(
     "command",
-    [["worker"], ["publish"], ["migrate"], ["demo"], ["show"], ["schemas"],
-     ["train", "segmenter"], ["train", "tagger"]],
+    [
+        ["worker"],
+        ["publish"],
+        ["migrate"],
+        ["demo"],
+        ["show"],
+        ["schemas"],
+        ["train", "segmenter"],
+        ["train", "tagger"],
+        ["dlq", "list"],
+        ["dlq", "replay"],
+        ["similar"],
+        ["serve"],
+    ],
 )
 def test_every_command_explains_itself_with_help(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
