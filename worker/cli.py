@@ -76,6 +76,9 @@ def publish(
 
     _setup_logging()
     settings = get_settings()
+    if str(file) != "-" and not file.is_file():
+        typer.echo(f"no such file: {file}", err=True)
+        raise typer.Exit(2)
     lines = sys.stdin if str(file) == "-" else file.read_text().splitlines()
     with Connection(
         settings.broker_url.get_secret_value(), transport_options={"confirm_publish": True}
@@ -121,10 +124,15 @@ def show(
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write.")],
 ) -> None:
     """Draw a product's photo with its masks and labels."""
+    from worker.errors import TransientFault, UnreadableImage
     from worker.show import render_product
 
     _setup_logging()
-    render_product(get_settings(), product_id, output)
+    try:
+        render_product(get_settings(), product_id, output)
+    except (UnreadableImage, TransientFault) as exc:
+        typer.echo(f"cannot draw {product_id}: {exc}", err=True)
+        raise typer.Exit(1) from exc
     typer.echo(f"wrote {output}")
 
 

@@ -119,11 +119,16 @@ def run_demo(data: Path, *, products: int, keep_servers: bool) -> int:
     with local_stack(REPO_ROOT / "var" / "demo") as stack:
         _upload_photos(stack, chosen)
         with (
-            worker_process(stack, out / "worker.log"),
+            worker_process(stack, out / "worker.log") as worker,
             CompletionListener(stack.settings) as listener,
         ):
             _publish(stack.settings, [event for event, _ in chosen])
-            completions = listener.wait_for(len(chosen), timeout_s=60 + 20 * len(chosen))
+            completions = listener.wait_until(
+                lambda got: len(got) >= len(chosen) or worker.poll() is not None,
+                timeout_s=60 + 20 * len(chosen),
+            )
+            if worker.poll() is not None:
+                print(f"the worker exited with code {worker.returncode}; see {out}/worker.log")
 
         _print_table(chosen, completions)
         _print_stage_times(completions)
@@ -164,6 +169,9 @@ def _print_table(
         done = by_product.get(event.product_id)
         if done is None:
             print(f"{event.product_id:<22} {'missing':<9}")
+            continue
+        if done["status"] == "failed":
+            print(f"{event.product_id:<22} {'failed':<9} {done['reason']}")
             continue
         image = done["images"][0] if done["images"] else {"masks": [], "labels": []}
         masks = Counter(mask["label"] for mask in image["masks"])
@@ -206,7 +214,11 @@ def _render(stack: LocalStack, completions: list[dict[str, Any]], out: Path) -> 
 
     for done in [c for c in completions if c["status"] == "enriched"][:3]:
         path = out / f"{done['product_id']}.png"
-        render_product(stack.settings, done["product_id"], path)
+        try:
+            render_product(stack.settings, done["product_id"], path)
+        except Exception as exc:  # a drawing is a bonus; the summary must still come
+            log.warning("drawing_failed", product_id=done["product_id"], reason=repr(exc))
+            continue
         print(f"drew {path}")
 
 

@@ -6,7 +6,6 @@ format, so that any service can produce and consume them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -95,17 +94,10 @@ def publish_events(connection: Connection, settings: Settings, lines: Iterable[s
                 producer,
                 line.strip().encode(),
                 exchange=exchange,
-                routing_key=_routing_key_of(line),
+                # Every line goes to the intake, whatever it claims to be: one that is no
+                # product-created event is dead-lettered there with its reason, never dropped.
+                routing_key=str(EventType.PRODUCT_CREATED),
                 declare=[exchange, intake_queue(settings)],
             )
             count += 1
     return count
-
-
-def _routing_key_of(line: str) -> str:
-    """The event's own type where it parses; anything else is sent as product.created."""
-    try:
-        event_type = json.loads(line).get("event_type")
-    except (ValueError, AttributeError):
-        return str(EventType.PRODUCT_CREATED)
-    return event_type if isinstance(event_type, str) else str(EventType.PRODUCT_CREATED)

@@ -25,6 +25,14 @@ from worker.events import dead_letter, intake_queue
 log = structlog.get_logger(__name__)
 
 
+class _Missing:
+    def __repr__(self) -> str:
+        return "nothing (the field is missing)"
+
+
+_MISSING = _Missing()
+
+
 def parse_event(body: bytes | str) -> ProductCreated:
     """Validate one message body; InvalidEvent names the first offending field."""
     try:
@@ -39,7 +47,8 @@ def parse_event(body: bytes | str) -> ProductCreated:
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         field = ".".join(str(part) for part in error["loc"]) or "body"
-        raise InvalidEvent(field, error.get("input"), error["msg"]) from exc
+        value = _MISSING if error["type"] == "missing" else error.get("input")
+        raise InvalidEvent(field, value, error["msg"]) from exc
 
 
 class IntakeStep(bootsteps.ConsumerStep):

@@ -1,7 +1,7 @@
 """A local stack for the demo and the tests: servers, a worker process, a completion listener.
 
-Everything it starts listens on 127.0.0.1; queue names carry a run id so that runs on one
-broker never see each other's messages.
+Everything it starts listens on 127.0.0.1. The exchange and the queues carry a run id, so
+that runs on one broker never see each other's messages; they are deleted at the end.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def local_stack(root: Path, *, base: Settings | None = None) -> Iterator[LocalSt
             update={
                 "database_url": SecretStr(postgres.url),
                 "s3": S3Settings(endpoint_url=s3.endpoint_url, mask_bucket=base.s3.mask_bucket),
+                "exchange": f"{base.exchange}.{run_id}",
                 "intake_queue": f"{base.intake_queue}.{run_id}",
                 "task_queue": f"{base.task_queue}.{run_id}",
                 "dead_letter_queue": f"{base.dead_letter_queue}.{run_id}",
@@ -99,9 +100,11 @@ def local_stack(root: Path, *, base: Settings | None = None) -> Iterator[LocalSt
             yield local
         finally:
             delete_queues(local.settings)
+            delete_exchanges(local.settings)
 
 
 def delete_queues(settings: Settings) -> None:
+    """Delete a run's queues; each is durable and would outlive the run."""
     with Connection(settings.broker_url.get_secret_value()) as conn:
         channel = conn.channel()
         for name in (settings.intake_queue, settings.task_queue, settings.dead_letter_queue):
@@ -111,12 +114,25 @@ def delete_queues(settings: Settings) -> None:
                 channel = conn.channel()
 
 
+def delete_exchanges(settings: Settings) -> None:
+    with Connection(settings.broker_url.get_secret_value()) as conn:
+        channel = conn.channel()
+        for name in (settings.exchange, settings.task_queue):
+            try:
+                channel.exchange_delete(name)
+            except Exception:
+                channel = conn.channel()
+
+
 @contextmanager
 def worker_process(
     stack: LocalStack, log_file: Path, *, pool: str = "prefork", concurrency: int = 1
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`enrich worker` in a child process, stopped with SIGTERM (a warm shutdown)."""
-    env = {**os.environ, **stack.environment(), "ENRICH_LOG_JSON": "true"}
+    # No metrics port unless the caller's environment names one: several local workers
+    # must not fight over the default port.
+    env = {"ENRICH_METRICS_PORT": "0", **os.environ, **stack.environment()}
+    env["ENRICH_LOG_JSON"] = "true"
     command = [
         sys.executable,
         "-m",

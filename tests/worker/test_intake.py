@@ -54,3 +54,14 @@ def test_a_json_array_is_not_an_event() -> None:
         parse_event(b"[1, 2]")
 
     assert caught.value.allowed == "a JSON object"
+
+
+def test_a_missing_field_is_named_as_missing_not_shown_as_the_whole_event() -> None:
+    payload = product_payload()
+    del payload["title"]
+
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(json.dumps(payload).encode())
+
+    assert caught.value.field == "title"
+    assert "missing" in caught.value.value
