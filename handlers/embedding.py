@@ -8,9 +8,11 @@ the same way (the packaged all-MiniLM-L6-v2, 384-d; bert-large-uncased, 1024-d).
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import time
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -199,7 +201,14 @@ def _values_text(value: str | Sequence[str]) -> str:
 
 
 def _clean(text: str) -> str:
+    """Plain text as a shopper reads it: markup and control characters out, entities decoded,
+    whitespace runs as one space. Shops paste descriptions from HTML editors."""
+    text = html.unescape(_TAG.sub(" ", text))
+    text = "".join(" " if unicodedata.category(char) == "Cc" else char for char in text)
     return re.sub(r"\s+", " ", text).strip()
+
+
+_TAG = re.compile(r"<[^<>]*>")
 
 
 def _sentence(part: str) -> str:

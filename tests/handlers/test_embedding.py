@@ -136,3 +136,27 @@ def test_product_text_takes_labels_and_leaves_out_empty_parts() -> None:
     text = product_text("Denim jacket", "  ", ["jacket", "", "jeans"])
 
     assert text == "Denim jacket. Attributes: jacket; jeans."
+
+
+def test_product_text_drops_markup_and_control_characters_and_keeps_other_scripts() -> None:
+    description = "<p>Slim&nbsp;fit <b>jeans</b></p>\x00\x07<script>x</script> 牛仔裤 джинсы"
+
+    text = product_text("Jeans", description, [])
+
+    assert "<" not in text and "\x00" not in text and "\x07" not in text
+    assert "Slim fit jeans" in text
+    assert "牛仔裤 джинсы" in text
+
+
+@pytest.mark.parametrize(
+    "description", ["", "x" * 20_000, "<div></div>", "\x00\x01\x02", "ぁ" * 3000]
+)
+def test_awkward_descriptions_still_give_a_unit_vector(
+    embedder: TextEmbedder, description: str
+) -> None:
+    text = product_text("Jeans", description, ["denim"])
+
+    vector = embedder.embed([text])[0]
+
+    assert vector.shape == (embedder.dimension,)
+    assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
