@@ -222,7 +222,8 @@ class SeaweedS3:
         deadline = time.monotonic() + 60
         while True:
             try:
-                client.create_bucket(Bucket="server-ready")
+                if "server-ready" not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+                    client.create_bucket(Bucket="server-ready")
                 client.put_object(Bucket="server-ready", Key="probe", Body=b"ok")
                 return
             except Exception:

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +19,6 @@ from worker.local import LocalStack
 from worker.stores import objects
 
 BUCKET = "catalog-images"
-
-
-@contextmanager
-def named_worker(stack: LocalStack, log_file: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Like worker.local.worker_process, but the Celery node has a name of its own.
-
-    Celery 5.7 declares a node's remote-control queue exclusive, so a second worker named
-    celery@<host> on the same broker (another test run on this machine) stops at start;
-    `enrich worker` has no option for the name, so this starts the same worker through
-    Celery's command line.
-    """
-    env = {**os.environ, **stack.environment(), "ENRICH_LOG_JSON": "true"}
-    node = f"test-{uuid.uuid4().hex[:8]}@%h"
-    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", f"--hostname={node}"]
-    command += ["--pool=prefork", "--concurrency=1", "--without-gossip", "--without-mingle"]
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield process
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def validation_photos(datasets: Path, count: int) -> list[Path]:

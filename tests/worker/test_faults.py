@@ -7,11 +7,13 @@ database and from the completion events, that every event was enriched exactly o
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import pytest
@@ -19,6 +21,12 @@ import pytest
 from tests.worker.running import events_for, publish, validation_photos, wait_until
 from worker.local import CompletionListener, LocalStack, worker_process
 from worker.stores import database
+
+
+class Server(Protocol):
+    def stop(self) -> None: ...
+    def start(self) -> object: ...
+
 
 pytestmark = pytest.mark.slow
 
@@ -77,30 +85,83 @@ def test_killing_pool_processes_mid_run_loses_and_duplicates_nothing(
     assert enrichments_of(stack, events) == Counter({"enriched": EVENTS})
 
 
+def enrich_through_an_outage(
+    stack: LocalStack, events: list[dict[str, Any]], log_file: Path, server: Server, pause_s: float
+) -> Counter[str]:
+    """Enrich two events, stop `server`, publish the rest, start it again after `pause_s`;
+    returns the completion events per event."""
+    with CompletionListener(stack.settings) as listener, worker_process(stack, log_file):
+        publish(stack, events[:2])
+        listener.wait_until(
+            lambda got: len(completions_per_event(listener, events)) >= 2, timeout_s=180
+        )
+        server.stop()
+        publish(stack, events[2:])
+        time.sleep(pause_s)
+        server.start()
+        listener.wait_until(
+            lambda got: len(completions_per_event(listener, events)) >= len(events),
+            timeout_s=600,
+        )
+    return completions_per_event(listener, events)
+
+
 def test_a_database_outage_of_30_seconds_is_retried_and_loses_nothing(
     stack: LocalStack, datasets: Path, tmp_path: Path
 ) -> None:
     events = events_for(stack, validation_photos(datasets, 12))
 
-    with (
-        CompletionListener(stack.settings) as listener,
-        worker_process(stack, tmp_path / "worker.log") as _,
-    ):
-        publish(stack, events[:2])
-        listener.wait_until(
-            lambda got: len(completions_per_event(listener, events)) >= 2, timeout_s=180
-        )
-        stack.postgres.stop()
-        publish(stack, events[2:])
-        time.sleep(30)
-        stack.postgres.start()
-        listener.wait_until(
-            lambda got: len(completions_per_event(listener, events)) >= len(events),
-            timeout_s=600,
-        )
-
-    per_event = completions_per_event(listener, events)
-    assert len(per_event) == len(events) and set(per_event.values()) == {1}
-    assert wait_until(
-        lambda: enrichments_of(stack, events)["enriched"] == len(events), timeout_s=10
+    per_event = enrich_through_an_outage(
+        stack, events, tmp_path / "worker.log", stack.postgres, pause_s=30
     )
+
+    assert len(per_event) == len(events) and set(per_event.values()) == {1}
+    assert enrichments_of(stack, events) == Counter({"enriched": len(events)})
+
+
+def test_an_s3_outage_is_retried_and_loses_nothing(
+    stack: LocalStack, datasets: Path, tmp_path: Path
+) -> None:
+    events = events_for(stack, validation_photos(datasets, 8))
+
+    per_event = enrich_through_an_outage(
+        stack, events, tmp_path / "worker.log", stack.s3, pause_s=20
+    )
+
+    assert len(per_event) == len(events) and set(per_event.values()) == {1}
+    assert enrichments_of(stack, events) == Counter({"enriched": len(events)})
+
+
+def outbox_of(stack: LocalStack, events: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+    with database.connect(stack.settings.database_url.get_secret_value()) as conn:
+        rows = conn.execute(
+            "SELECT body::jsonb ->> 'causation_id', published_at IS NOT NULL FROM outbox"
+            " WHERE body::jsonb ->> 'causation_id' = ANY(%s)",
+            ([e["event_id"] for e in events],),
+        ).fetchall()
+    return [(row[0], bool(row[1])) for row in rows]
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs a local RabbitMQ")
+def test_a_rabbitmq_restart_is_survived_and_the_worker_consumes_again(
+    stack: LocalStack, datasets: Path, tmp_path: Path
+) -> None:
+    events = events_for(stack, validation_photos(datasets, 8))
+
+    with worker_process(stack, tmp_path / "worker.log") as worker:
+        publish(stack, events[:4])
+        assert wait_until(lambda: sum(enrichments_of(stack, events).values()) >= 2, timeout_s=180)
+        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True)
+        time.sleep(5)
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True)
+        subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True)
+        publish(stack, events[4:])
+        finished = wait_until(
+            lambda: enrichments_of(stack, events)["enriched"] == len(events), timeout_s=600
+        )
+        alive = worker.poll() is None
+
+    outbox = outbox_of(stack, events)
+    assert alive and finished
+    assert sorted(event_id for event_id, _ in outbox) == sorted(e["event_id"] for e in events)
+    assert wait_until(lambda: all(sent for _, sent in outbox_of(stack, events)), timeout_s=30)

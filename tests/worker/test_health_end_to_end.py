@@ -17,12 +17,11 @@ from tests.worker.running import (
     events_for,
     http_get,
     json_lines,
-    named_worker,
     publish,
     validation_photos,
     wait_until,
 )
-from worker.local import CompletionListener, LocalStack
+from worker.local import CompletionListener, LocalStack, worker_process
 from worker.servers import free_port
 
 pytestmark = pytest.mark.slow
@@ -69,7 +68,7 @@ def test_a_ready_worker_counts_its_pool_process_s_enrichments_and_logs_json_with
     events = events_for(stack, validation_photos(datasets, 2))
     log_file = tmp_path / "worker.log"
 
-    with named_worker(stack, log_file):
+    with worker_process(stack, log_file):
         assert_ready(port)
         publish(stack, events)
         listener.wait_until(lambda _: completed(listener, events), timeout_s=300)
@@ -116,7 +115,7 @@ def test_a_worker_whose_pool_process_stops_consuming_is_not_live_until_it_moves_
         answers.append(http_get(port, "/healthz/live"))
         return answers[-1][0] == 503
 
-    with named_worker(stack, log_file) as process:
+    with worker_process(stack, log_file) as process:
         assert_ready(port)
         idle_status, _ = http_get(port, "/healthz/live")
         (pool_process,) = children_of(process.pid)

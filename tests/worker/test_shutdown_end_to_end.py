@@ -12,12 +12,11 @@ import pytest
 from tests.worker.running import (
     events_for,
     json_lines,
-    named_worker,
     publish,
     validation_photos,
     wait_until,
 )
-from worker.local import CompletionListener, LocalStack
+from worker.local import CompletionListener, LocalStack, worker_process
 from worker.stores import database
 
 pytestmark = pytest.mark.slow
@@ -43,7 +42,7 @@ def test_sigterm_mid_run_loses_no_event_and_a_second_worker_finishes_the_rest(
         return [c["causation_id"] for c in listener.received if c["causation_id"] in wanted]
 
     with CompletionListener(stack.settings) as listener:
-        with named_worker(stack, first_log) as first:
+        with worker_process(stack, first_log) as first:
             publish(stack, events)
             enough = FINISHED_BEFORE_SIGTERM
             listener.wait_until(lambda _: len(mine(listener)) >= enough, timeout_s=300)
@@ -56,7 +55,7 @@ def test_sigterm_mid_run_loses_no_event_and_a_second_worker_finishes_the_rest(
         listener.wait_until(lambda _: len(mine(listener)) > before_sigterm, timeout_s=10)
         after_first = len(mine(listener))
 
-        with named_worker(stack, tmp_path / "second.log"):
+        with worker_process(stack, tmp_path / "second.log"):
             listener.wait_until(lambda _: set(mine(listener)) == wanted, timeout_s=300)
             listener.wait_until(lambda _: len(mine(listener)) > EVENTS, timeout_s=5)
         completions = Counter(mine(listener))
