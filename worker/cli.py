@@ -44,6 +44,7 @@ def worker(
     ] = None,
 ) -> None:
     """Consume product-created events and enrich each product."""
+    _setup_logging()  # before torch and the models' libraries load and warn
     from worker.app import app as celery_app
     from worker.models import missing_model_folders
 

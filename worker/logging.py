@@ -44,6 +44,7 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
     for noisy in ("botocore", "urllib3", "amqp", "kombu", "PIL", "matplotlib", "fsspec"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
