@@ -184,3 +184,12 @@ def test_make_segmentation_refuses_masks_of_another_size() -> None:
             pred_classes=["jeans"],
             image_size=(10, 10),
         )
+
+
+def test_a_one_pixel_image_gets_masks_of_its_own_size(segmenter: Segmenter) -> None:
+    tiny = np.full((1, 1, 3), 128, dtype=np.uint8)
+
+    (result,) = segmenter.segment([tiny])
+
+    assert result.pred_masks is None or result.pred_masks.shape[1:] == (1, 1)
+    assert len(result.mask_scores) == result.num_masks

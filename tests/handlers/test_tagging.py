@@ -236,3 +236,11 @@ def _export_tiny_tagger(
         image_size=8,
         versions=ExportVersions.installed(),
     ).write(folder / CONFIG_FILE)
+
+
+def test_a_one_pixel_image_is_tagged_without_error(tagger: Tagger) -> None:
+    tiny = np.full((1, 1, 3), 128, dtype=np.uint8)
+
+    (tags,) = tagger.tag([tiny])
+
+    assert set(tags.scores) == set(tagger.labels)
