@@ -22,10 +22,10 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from handlers.base import ModelLoadError, RGBImage, Segmentation, Stage, StageError, model_version
-from handlers.segmentation import make_segmentation, resolve_device
+from handlers.segmentation import make_segmentation, read_folder_config, resolve_device
 
 log = structlog.get_logger(__name__)
 
@@ -152,13 +152,7 @@ def load(
 
 
 def read_config(model_dir: Path) -> Detectron2SegmenterConfig:
-    path = model_dir / CONFIG_FILE
-    try:
-        return Detectron2SegmenterConfig.model_validate_json(path.read_bytes())
-    except FileNotFoundError as error:
-        raise ModelLoadError(f"{path} is missing; a detectron2 model folder needs it") from error
-    except ValidationError as error:
-        raise ModelLoadError(f"{path} is not a valid detectron2 folder config: {error}") from error
+    return read_folder_config(model_dir, CONFIG_FILE, Detectron2SegmenterConfig, "detectron2")
 
 
 class _Detectron2:

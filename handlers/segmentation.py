@@ -13,11 +13,12 @@ import importlib
 from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from pydantic import BaseModel, ValidationError
 
 from handlers.base import ModelLoadError, RGBImage, Segmentation
 
@@ -111,3 +112,19 @@ def make_segmentation(
         pred_boxes=boxes,
         pred_classes=[pred_classes[i] for i in order],
     )
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def read_folder_config(
+    model_dir: Path, file_name: str, model: type[ConfigT], backend: str
+) -> ConfigT:
+    """A backend's model-folder configuration, validated; any problem is a ModelLoadError."""
+    path = model_dir / file_name
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except FileNotFoundError as error:
+        raise ModelLoadError(f"{path} is missing; a {backend} model folder needs it") from error
+    except ValidationError as error:
+        raise ModelLoadError(f"{path} is not a valid {backend} folder config: {error}") from error

