@@ -126,6 +126,9 @@ def server(tmp_path: Path) -> Iterator[HealthServer]:
         started.start()
         yield started
         started.stop()
+        for name in (settings.intake_queue, settings.task_queue):
+            # Never consumed, so auto_delete never fires: delete them here.
+            connection.default_channel.queue_delete(name)
 
 
 def test_readiness_is_503_and_names_the_models_and_the_database_when_they_are_missing(
