@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
@@ -21,12 +20,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from handlers.base import ModelLoadError, RGBImage, Segmentation
-
-
-class SegmentationBackend(StrEnum):
-    TORCHVISION = "torchvision"
-    DETECTRON2 = "detectron2"
-
+from schemas.settings import SegmentationBackend as SegmentationBackend
 
 DEFAULT_BACKEND = SegmentationBackend.TORCHVISION
 

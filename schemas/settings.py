@@ -16,13 +16,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class SegmentationBackendName(StrEnum):
+class SegmentationBackend(StrEnum):
     TORCHVISION = "torchvision"
     DETECTRON2 = "detectron2"
 
 
 class ModelSettings(BaseModel):
-    segmentation_backend: SegmentationBackendName = SegmentationBackendName.TORCHVISION
+    segmentation_backend: SegmentationBackend = SegmentationBackend.TORCHVISION
     segmenter_dir: Path = REPO_ROOT / "models" / "segmenter"
     tagger_dir: Path = REPO_ROOT / "models" / "tagger"
     embedding_dir: Path | None = Field(

@@ -196,14 +196,13 @@ def _print_stage_times(completions: list[dict[str, Any]]) -> None:
 
 
 def _print_similarity(stack: LocalStack, chosen: list[tuple[ProductCreated, Path]]) -> None:
+    from schemas.queries import SimilarityQuery
+    from worker.similarity import similar_to_product
     from worker.stores import database
 
+    target = chosen[0][0]
     with database.connect(stack.settings.database_url.get_secret_value()) as conn:
-        row = conn.execute("SELECT model_version, dimension FROM embeddings LIMIT 1").fetchone()
-        if row is None:
-            return
-        target = chosen[0][0]
-        similar = database.similar_products(conn, target.product_id, row[0], row[1], k=3)
+        similar = similar_to_product(conn, target.product_id, SimilarityQuery(k=3))
     print(f"\nproducts most similar to {target.product_id} ({target.title!r}):")
     for item in similar:
         print(f"  {item.product_id:<22} {item.title:<32} cosine distance {item.distance:.3f}")

@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass
 
 from handlers.embedding import TextEmbedder, default_embedding_model_dir
-from handlers.segmentation import SegmentationBackend, Segmenter, load_segmenter
+from handlers.segmentation import Segmenter, load_segmenter
 from handlers.tagging import Tagger
 from schemas.events import ModelVersions
 from schemas.settings import ModelSettings
@@ -33,7 +33,7 @@ class Models:
 def load_models(settings: ModelSettings) -> Models:
     """Load every stage's model from its folder; each stage logs its own load."""
     segmenter = load_segmenter(
-        SegmentationBackend(settings.segmentation_backend),
+        settings.segmentation_backend,
         settings.segmenter_dir,
         device=settings.device,
         score_threshold=settings.mask_score_threshold,

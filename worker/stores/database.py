@@ -256,30 +256,6 @@ def count_attempt(conn: psycopg.Connection[Any], event_id: UUID) -> int:
 
 
 @dataclass(frozen=True)
-class SimilarProduct:
-    product_id: str
-    title: str
-    distance: float
-
-
-def similar_products(
-    conn: psycopg.Connection[Any], product_id: str, model_version: str, dimension: int, k: int = 5
-) -> list[SimilarProduct]:
-    """The k products nearest to one product by cosine distance, itself excluded."""
-    cast = sql.SQL("embedding::vector({dim})").format(dim=sql.Literal(dimension))
-    query = sql.SQL(
-        "WITH target AS (SELECT {cast} AS v FROM embeddings"
-        " WHERE product_id = %(product)s AND model_version = %(version)s)"
-        " SELECT e.product_id, p.title, ({e_cast} <=> target.v)::float8 AS distance"
-        " FROM embeddings e JOIN products p USING (product_id), target"
-        " WHERE e.model_version = %(version)s AND e.product_id <> %(product)s"
-        " ORDER BY {e_cast} <=> target.v LIMIT %(k)s"
-    ).format(cast=cast, e_cast=sql.SQL("e.") + cast)
-    rows = conn.execute(query, {"product": product_id, "version": model_version, "k": k})
-    return [SimilarProduct(row[0], row[1], float(row[2])) for row in rows]
-
-
-@dataclass(frozen=True)
 class StoredMask:
     image_index: int
     label: str

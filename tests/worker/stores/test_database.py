@@ -107,27 +107,6 @@ def test_a_redelivered_event_writes_nothing_twice(conn) -> None:  # type: ignore
     assert count == (1,)
 
 
-def test_similar_products_uses_the_models_hnsw_index_and_ranks_by_cosine(conn) -> None:  # type: ignore[no-untyped-def]
-    tag = uuid.uuid4().hex[:6]
-    versions = VERSIONS.model_copy(update={"embedding": "emb3@1"})
-    vectors = {f"{tag}-a": [1, 0, 0], f"{tag}-b": [0.9, 0.1, 0], f"{tag}-c": [0, 1, 0]}
-    for product_id, vector in vectors.items():
-        database.write_enrichment(conn, rows_for(product_id, np.array(vector, float), versions))
-    database.ensure_embedding_index(conn, "emb3@1", 3)
-
-    conn.execute("SET enable_seqscan = off")
-    similar = database.similar_products(conn, f"{tag}-a", "emb3@1", 3, k=2)
-    plan = conn.execute(
-        "EXPLAIN SELECT product_id FROM embeddings WHERE model_version = 'emb3@1'"
-        " ORDER BY embedding::vector(3) <=> '[1,0,0]' LIMIT 2"
-    ).fetchall()
-    conn.execute("RESET enable_seqscan")
-
-    assert [s.product_id for s in similar][:1] == [f"{tag}-b"]
-    assert similar[0].distance < similar[-1].distance
-    assert database.embedding_index_name("emb3@1", 3) in " ".join(row[0] for row in plan)
-
-
 def test_a_success_replaces_an_earlier_failure_of_the_same_event(conn) -> None:  # type: ignore[no-untyped-def]
     rows = rows_for(f"p-{uuid.uuid4().hex[:6]}", np.ones(4))
     failure = database.EnrichmentRows(
