@@ -95,6 +95,8 @@ class Tagger:
         self.labels = self.config.labels
         self.thresholds = self.config.thresholds
         self.model_version = model_version(self.config.name, model_dir)
+        # D of the image embeddings `tag_and_embed` returns.
+        self.feature_dimension = _feature_dimension(self._learner, self.device)
         log.info(
             "model_loaded",
             stage=Stage.TAGGING,
@@ -111,16 +113,46 @@ class Tagger:
 
     def predict_scores(self, images: Sequence[RGBImage]) -> npt.NDArray[np.float32]:
         """Sigmoid scores (B, L) float32, columns in the order of `labels`, in one forward pass."""
+        scores, _ = self.predict_scores_and_features(images)
+        return scores
+
+    def tag_and_embed(
+        self, images: Sequence[RGBImage]
+    ) -> tuple[list[Tags], npt.NDArray[np.float32]]:
+        """`tag(images)` and each image's pooled backbone features, from one forward pass.
+
+        The features (B, D) float32 are the backbone's last feature map averaged over space
+        (D = 1280 for EfficientNet-Lite0), scaled to unit length: an image embedding.
+        """
+        scores, features = self.predict_scores_and_features(images)
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        embeddings = (features / np.maximum(norms, 1e-12)).astype(np.float32)
+        return [self._tags(row) for row in scores], embeddings
+
+    def predict_scores_and_features(
+        self, images: Sequence[RGBImage]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Sigmoid scores (B, L) float32 and average-pooled body features (B, D) float32.
+
+        The fastai model is body then head; the body runs once and feeds both.
+        """
         _check_images(images)
         if not images:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+            return (
+                np.zeros((0, len(self.labels)), dtype=np.float32),
+                np.zeros((0, self.feature_dimension), dtype=np.float32),
+            )
 
         started = time.perf_counter()
         loader = self._learner.dls.test_dl(list(images), bs=len(images), num_workers=0)
         (batch,) = loader.one_batch()
+        body, head = self._learner.model[0], self._learner.model[1]
         with torch.inference_mode():
-            logits = self._learner.model(batch)
+            feature_map = body(batch)
+            logits = head(feature_map)
+            pooled = feature_map.float().mean(dim=(2, 3))
         scores = torch.sigmoid(logits).float().cpu().numpy()
+        features = pooled.cpu().numpy().astype(np.float32)
 
         log.debug(
             "images_tagged",
@@ -128,7 +160,7 @@ class Tagger:
             num_images=len(images),
             seconds=round(time.perf_counter() - started, 3),
         )
-        return scores
+        return scores, features
 
     def _tags(self, scores: npt.NDArray[np.float32]) -> Tags:
         by_label = {label: float(score) for label, score in zip(self.labels, scores, strict=True)}
@@ -220,6 +252,13 @@ def _check_labels(learner: Learner, labels: list[str], model_dir: Path) -> None:
             f"{model_dir / CONFIG_FILE} lists labels {labels}, but the exported learner "
             f"predicts {vocab}; the two files come from different trainings"
         )
+
+
+def _feature_dimension(learner: Learner, device: torch.device) -> int:
+    """Channels of the body's last feature map, read from one forward pass of a blank image."""
+    with torch.inference_mode():
+        feature_map = learner.model[0](torch.zeros((1, 3, 64, 64), device=device))
+    return int(feature_map.shape[1])
 
 
 def _check_images(images: Sequence[RGBImage]) -> None:

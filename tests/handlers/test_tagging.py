@@ -244,3 +244,28 @@ def test_a_one_pixel_image_is_tagged_without_error(tagger: Tagger) -> None:
     (tags,) = tagger.tag([tiny])
 
     assert set(tags.scores) == set(tagger.labels)
+
+
+def test_tag_and_embed_gives_the_tags_of_tag_and_one_unit_vector_per_image(
+    tagger: Tagger, jeans_photo: np.ndarray[Any, np.dtype[np.uint8]]
+) -> None:
+    flipped = np.ascontiguousarray(jeans_photo[:, ::-1])
+
+    tags, embeddings = tagger.tag_and_embed([jeans_photo, flipped])
+
+    assert embeddings.shape == (2, 1280)
+    assert embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    alone = tagger.tag([jeans_photo, flipped])
+    assert [[label.label for label in t.labels] for t in tags] == [
+        [label.label for label in t.labels] for t in alone
+    ]
+    for embedded_tags, tagged in zip(tags, alone, strict=True):
+        assert embedded_tags.scores == pytest.approx(tagged.scores, abs=1e-5)
+
+
+def test_tag_and_embed_of_no_images_gives_an_empty_d_wide_array(tagger: Tagger) -> None:
+    tags, embeddings = tagger.tag_and_embed([])
+
+    assert tags == []
+    assert embeddings.shape == (0, tagger.feature_dimension)
