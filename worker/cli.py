@@ -22,6 +22,8 @@ train_app = typer.Typer(
 app.add_typer(train_app, name="train")
 dlq_app = typer.Typer(help="Inspect and replay the dead-letter queue.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+bench_app = typer.Typer(help="Benchmarks: the worker (`enrich bench`) and similarity queries.")
+app.add_typer(bench_app, name="bench")
 
 DEFAULT_CCP = REPO_ROOT.parent / "shared" / "datasets" / "ccp"
 
@@ -229,6 +231,51 @@ def dlq_replay(
     _setup_logging()
     count = replay(get_settings(), kind=reason)
     typer.echo(f"replayed {count} messages")
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench(ctx: typer.Context) -> None:
+    """Benchmarks; without a subcommand, the worker benchmark."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    # Placeholder: the worker benchmark (worker/bench.py) is being added in parallel and
+    # replaces these lines with its options and its call.
+    typer.echo("the worker benchmark is not here yet; `enrich bench similarity` is", err=True)
+    raise typer.Exit(2)
+
+
+@bench_app.command("similarity")
+def bench_similarity(
+    rows: Annotated[int, typer.Option(help="Synthetic products to load.")] = 100_000,
+    queries: Annotated[int, typer.Option(help="Queries per run, unfiltered and filtered.")] = 200,
+    dim: Annotated[
+        int | None, typer.Option(help="Embedding dimension; unset reads the configured model's.")
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="A Postgres with pgvector to create the database on; unset starts one."),
+    ] = None,
+    maintenance_work_mem: Annotated[str, typer.Option(help="For the index build.")] = "4GB",
+    workers: Annotated[
+        int | None, typer.Option(help="Parallel index-build workers; unset: CPUs less one.")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Index build time, query latency and recall@10 of similarity search on N vectors."""
+    from worker.bench_similarity import BenchConfig, configured_dimension, print_bench
+
+    _setup_logging()
+    config = BenchConfig(
+        rows=rows,
+        dimension=dim or configured_dimension(get_settings()),
+        queries=queries,
+        seed=seed,
+        maintenance_work_mem=maintenance_work_mem,
+        **({} if workers is None else {"maintenance_workers": workers}),
+    )
+    raise typer.Exit(print_bench(config, database_url, as_json=as_json))
 
 
 @train_app.command("segmenter")

@@ -23,6 +23,7 @@ runner = CliRunner()
         ["dlq", "replay"],
         ["similar"],
         ["serve"],
+        ["bench", "similarity"],
     ],
 )
 def test_every_command_explains_itself_with_help(command: list[str]) -> None:
