@@ -33,6 +33,7 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 
 from handlers.base import Segmentation
+from handlers.evaluation import MaskFigures, MaskScorer, MaskTruth
 from handlers.segmentation import (
     SegmentationBackend,
     Segmenter,
@@ -133,15 +134,6 @@ class TrainingExample:
     labels: npt.NDArray[np.int64]
 
 
-@dataclass
-class _ClassRecord:
-    """Every prediction of one class over the validation photos, and the count of truths."""
-
-    scores: list[float] = field(default_factory=list)
-    matched: list[bool] = field(default_factory=list)
-    num_truths: int = 0
-
-
 # --- Instances -------------------------------------------------------------------------
 
 
@@ -177,6 +169,21 @@ def garment_instances(
             labels.append(int(label))
             instance_map[region] = len(labels)
     return instance_map, np.asarray(labels, dtype=np.int64)
+
+
+def ccp_truth(label_map: npt.NDArray[np.int64], classes: Sequence[str]) -> MaskTruth:
+    """The ground truth of a photo's map (H, W) of segmenter labels, 1-based in `classes`:
+    its instances (`garment_instances`) and every pixel of each class present."""
+    instance_map, labels = garment_instances(label_map, min_area=_min_area(label_map.shape))
+    return MaskTruth(
+        instance_masks=instance_map[None] == np.arange(1, labels.size + 1)[:, None, None],
+        instance_classes=[classes[label - 1] for label in labels],
+        class_regions={
+            name: label_map == label
+            for label, name in enumerate(classes, start=1)
+            if (label_map == label).any()
+        },
+    )
 
 
 def _regions(
@@ -551,6 +558,7 @@ def evaluate_segmenter(
     - jeans_false_positive_rate: share of photos without jeans given a jeans mask;
     - ap50: COCO-style (101-point) mask AP at IoU 0.5 per class, and their mean over the
       classes that occur in the photos;
+    - mean_iou: the mean over those classes of each class's mask IoU (`MaskScorer`);
     - by_threshold: the three IoU figures again at each of `THRESHOLD_SWEEP`.
     """
     if image_ids is None:
@@ -559,7 +567,7 @@ def evaluate_segmenter(
     names = ccp.load_label_names(data_root)
     classes = [name for name in segmenter.classes if name in GARMENT_CLASSES]
     lookup = class_lookup(names, {name: GARMENT_CLASSES[name] for name in classes})
-    records = {name: _ClassRecord() for name in classes}
+    scorer = MaskScorer(classes, score_threshold=score_threshold)
     thresholds = sorted({score_threshold, *THRESHOLD_SWEEP})
     overlaps: dict[float, dict[str, list[float]]] = {
         threshold: {"jeans": [], "trousers": [], "jeans_false_positive": []}
@@ -572,11 +580,11 @@ def evaluate_segmenter(
         photos = [ccp.load_photo(data_root, image_id) for image_id in batch]
         for image_id, result in zip(batch, segmenter.segment(photos), strict=True):
             label_map = lookup[ccp.load_pixel_mask(data_root, image_id)]
-            _score_photo(result, label_map, classes, records)
+            scorer.add(result, ccp_truth(label_map, classes))
             for threshold, found in overlaps.items():
                 _add_overlaps(result, label_map, classes, threshold, found)
 
-    metrics = _summarise(records, overlaps[score_threshold])
+    metrics = _summarise(scorer.figures(), overlaps[score_threshold])
     metrics["by_threshold"] = {
         str(threshold): _summarise_overlaps(found) for threshold, found in overlaps.items()
     }
@@ -588,22 +596,6 @@ def evaluate_segmenter(
     return metrics
 
 
-def _score_photo(
-    result: Segmentation,
-    label_map: npt.NDArray[np.int64],
-    classes: Sequence[str],
-    records: dict[str, _ClassRecord],
-) -> None:
-    """Add one photo's predictions, matched or not, to each class's record."""
-    if result.pred_masks is None:
-        raise ValueError("mask metrics need a segmenter that gives masks")
-    instance_map, labels = garment_instances(label_map, min_area=_min_area(label_map.shape))
-    for label, name in enumerate(classes, start=1):
-        truths = instance_map[None] == (np.flatnonzero(labels == label) + 1)[:, None, None]
-        chosen = [i for i, pred in enumerate(result.pred_classes) if pred == name]
-        _match(result.pred_masks[chosen], result.mask_scores[chosen], truths, records[name])
-
-
 def _add_overlaps(
     result: Segmentation,
     label_map: npt.NDArray[np.int64],
@@ -613,7 +605,7 @@ def _add_overlaps(
 ) -> None:
     """Add one photo's jeans and trousers IoUs, over instances scoring `score_threshold` or
     more, to `overlaps`."""
-    assert result.pred_masks is not None  # _score_photo refused mask-less results first
+    assert result.pred_masks is not None  # MaskScorer.add refused mask-less results first
     kept = result.mask_scores >= score_threshold
     kept_classes = [name for name, keep in zip(result.pred_classes, kept, strict=True) if keep]
     kept_masks = result.pred_masks[kept]
@@ -641,74 +633,16 @@ def _add_overlap(
         overlaps["jeans_false_positive"].append(float(pred.any()))
 
 
-def _match(
-    pred_masks: npt.NDArray[np.bool_],
-    scores: npt.NDArray[np.float32],
-    truths: npt.NDArray[np.bool_],
-    record: _ClassRecord,
-) -> None:
-    """Greedy matching, highest score first, each truth once, at mask IoU 0.5 or more."""
-    record.num_truths += truths.shape[0]
-    record.scores += [float(score) for score in scores]
-    if truths.shape[0] == 0:
-        record.matched += [False] * len(scores)
-        return
-
-    ious = mask_ious(pred_masks, truths)
-    matched = np.zeros(len(scores), dtype=bool)
-    for i in np.argsort(-scores, kind="stable"):
-        best = int(ious[i].argmax())
-        if ious[i, best] >= 0.5:
-            matched[i] = True
-            ious[:, best] = -1.0
-    record.matched += matched.tolist()
-
-
-def mask_ious(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
-    """(N, M) IoU between masks a (N, H, W) and b (M, H, W)."""
-    flat_a = a.reshape(a.shape[0], a[0].size if a.shape[0] else b[0].size).astype(np.float32)
-    flat_b = b.reshape(b.shape[0], b[0].size if b.shape[0] else a[0].size).astype(np.float32)
-    intersection = flat_a @ flat_b.T
-    union = flat_a.sum(axis=1)[:, None] + flat_b.sum(axis=1)[None, :] - intersection
-    ious: npt.NDArray[np.float64] = np.zeros(intersection.shape, dtype=np.float64)
-    np.divide(intersection, union, out=ious, where=union > 0)
-    return ious
-
-
-def average_precision(scores: Sequence[float], matched: Sequence[bool], num_truths: int) -> float:
-    """COCO's 101-point interpolated AP from every prediction's score and whether it matched."""
-    if num_truths == 0:
-        raise ValueError("AP is undefined without ground truth")
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    hits = np.asarray(matched, dtype=np.float64)[order]
-    true_positives = np.cumsum(hits)
-    recall = true_positives / num_truths
-    precision = true_positives / np.arange(1, hits.size + 1)
-    # The precision envelope: at each recall, the best precision at that recall or beyond.
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]
-
-    sampled = []
-    for level in np.linspace(0.0, 1.0, 101):
-        index = int(np.searchsorted(recall, level, side="left"))
-        sampled.append(envelope[index] if index < envelope.size else 0.0)
-    return float(np.mean(sampled))
-
-
-def _summarise(
-    records: Mapping[str, _ClassRecord], overlaps: Mapping[str, list[float]]
-) -> dict[str, Any]:
-    ap50 = {
-        name: round(average_precision(r.scores, r.matched, r.num_truths), 4)
-        for name, r in records.items()
-        if r.num_truths
-    }
+def _summarise(figures: MaskFigures, overlaps: Mapping[str, list[float]]) -> dict[str, Any]:
+    per_class = figures["classes"]
     return {
         **_summarise_overlaps(overlaps),
         "jeans_images": len(overlaps["jeans"]),
         "trousers_images": len(overlaps["trousers"]),
-        "ap50": ap50,
-        "map50": _mean(list(ap50.values())),
-        "truths": {name: r.num_truths for name, r in records.items()},
+        "ap50": {name: f["ap50"] for name, f in per_class.items() if f["ap50"] is not None},
+        "map50": figures["map50"],
+        "mean_iou": figures["mean_iou"],
+        "truths": {name: f["num_truths"] for name, f in per_class.items()},
     }
 
 

@@ -3,7 +3,8 @@
 The worker imports this module too, when it unpickles a tagger export: the export refers
 to `PhotoTags` by name, so it must stay importable here under that name.
 
-Run as `python -m handlers.training.tagger --data ../shared/datasets/ccp --out models/tagger`.
+Run as `python -m handlers.training.tagger --data ../shared/datasets/ccp --out models/tagger`;
+`--calibrate-only` chooses the per-label thresholds of an existing tagger folder again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import fastai.callback.schedule  # noqa: F401 (adds Learner.fine_tune)
 import numpy as np
@@ -46,7 +47,17 @@ from handlers.backbones import (
     efficientnet_lite0,
 )
 from handlers.base import ModelLoadError, model_version
-from handlers.tagging import CONFIG_FILE, EXPORT_FILE, ExportVersions, Tagger, TaggerConfig
+from handlers.evaluation import LabelScores, f1_scores, macro_f1
+from handlers.tagging import (
+    CONFIG_FILE,
+    EXPORT_FILE,
+    ExportVersions,
+    F1Figures,
+    LabelCalibration,
+    Tagger,
+    TaggerConfig,
+    ThresholdCalibration,
+)
 from handlers.training.ccp import (
     DEFAULT_CCP_ROOT,
     image_annotated_ids,
@@ -75,15 +86,22 @@ from bag (420) to shorts (57) and glasses (56), each on at least 9 validation ph
 BACKBONE_CUT = -2
 """timm's EfficientNet ends in global_pool and classifier; fastai's head replaces both."""
 
+DEFAULT_THRESHOLD = 0.2
+"""Every label's threshold before calibration, and a label's fallback when it cannot be
+calibrated."""
+
+THRESHOLD_FLOOR = 0.05
+"""No calibrated threshold is lower: below it a label fires on nearly every photo."""
+
+THRESHOLD_GRID_STEP = 0.01
+
+MIN_CALIBRATION_SUPPORT = 1
+"""A label on fewer validation photos keeps DEFAULT_THRESHOLD."""
+
+VALIDATION_PHOTOS = f"CCP validation photos (ids divisible by {VALIDATION_EVERY})"
+
 MODEL_CARD_FILE = "MODEL_CARD.md"
 MAX_FOLDER_BYTES = 30 * 1024 * 1024
-
-
-class LabelScores(TypedDict):
-    f1: float
-    precision: float
-    recall: float
-    support: int
 
 
 class EvaluationReport(TypedDict):
@@ -117,10 +135,12 @@ class TrainingReport(TypedDict):
     lr_mult: float
     batch_size: int
     min_label_count: int
+    threshold_floor: float
     device: str
     train_seconds: float
     export_bytes: int
     evaluation: EvaluationReport
+    calibration: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -187,7 +207,8 @@ def train_tagger(
     epochs: int,
     image_size: int,
     seed: int,
-    threshold: float = 0.2,
+    threshold: float = DEFAULT_THRESHOLD,
+    threshold_floor: float = THRESHOLD_FLOOR,
     freeze_epochs: int = 3,
     base_lr: float = 2e-3,
     lr_mult: float = 10,
@@ -200,8 +221,9 @@ def train_tagger(
 ) -> TrainingReport:
     """Fine-tune EfficientNet-Lite0 on CCP's tagged photos and write a tagger folder.
 
-    `out_dir` gets export.pkl, tagger.json (one `threshold` for every label) and
-    MODEL_CARD.md; the returned report holds the validation F1 of the written folder.
+    `out_dir` gets export.pkl, tagger.json and MODEL_CARD.md. The report holds the
+    validation F1 at one `threshold` for every label, then `calibrate_tagger` chooses each
+    label's threshold (never below `threshold_floor`) and the report holds its figures too.
     `max_images` keeps the first ids only, for quick trial runs.
     """
     started = time.perf_counter()
@@ -224,6 +246,9 @@ def train_tagger(
     device = _device_description(str(learner.dls.device))
     export_bytes = _export(learner, out_dir, name, labels, threshold, image_size)
     evaluation = evaluate_tagger(out_dir, data_root, image_ids=image_ids)
+    calibration = calibrate_tagger(
+        out_dir, data_root, default_threshold=threshold, floor=threshold_floor, image_ids=image_ids
+    )
 
     report = TrainingReport(
         data_root=str(data_root),
@@ -240,10 +265,12 @@ def train_tagger(
         lr_mult=lr_mult,
         batch_size=batch_size,
         min_label_count=min_label_count,
+        threshold_floor=threshold_floor,
         device=device,
         train_seconds=round(train_seconds, 1),
         export_bytes=export_bytes,
         evaluation=evaluation,
+        calibration=calibration.model_dump(),
     )
     write_model_card(out_dir, report)
     _check_folder_size(out_dir)
@@ -252,6 +279,8 @@ def train_tagger(
         model_version=model_version(name, out_dir),
         micro_f1=evaluation["micro_f1"],
         macro_f1=evaluation["macro_f1"],
+        micro_f1_held_out=calibration.held_out.micro_f1,
+        macro_f1_held_out=calibration.held_out.macro_f1,
         train_seconds=report["train_seconds"],
         seconds=round(time.perf_counter() - started, 1),
     )
@@ -267,12 +296,22 @@ def evaluate_tagger(
 ) -> EvaluationReport:
     """Micro and macro F1 of a tagger folder on the validation photos, at its thresholds.
 
-    The photos go through `Tagger.predict_scores`, the worker's own path. `image_ids`
-    defaults to every tagged photo; only its validation ids are scored.
+    `image_ids` defaults to every tagged photo; only its validation ids are scored.
     """
-    tagger = Tagger(model_dir=model_dir)
     candidates = image_annotated_ids(data_root) if image_ids is None else image_ids
     ids = [i for i in candidates if is_validation(i)]
+    return score_tagger(Tagger(model_dir=model_dir), data_root, ids, batch_size=batch_size)
+
+
+def score_tagger(
+    tagger: Tagger, data_root: Path, image_ids: Sequence[int], *, batch_size: int = 32
+) -> EvaluationReport:
+    """Micro and macro F1 of a loaded tagger on exactly these tagged CCP photos.
+
+    The photos go through `Tagger.predict_scores`, the worker's own path, and a label is
+    predicted when its score is above the tagger's threshold for it.
+    """
+    ids = list(image_ids)
     tags = read_tags(data_root, ids)
 
     truth = np.array([[label in tags[i] for label in tagger.labels] for i in ids], dtype=bool)
@@ -286,7 +325,7 @@ def evaluate_tagger(
         num_images=len(ids),
         thresholds=tagger.thresholds,
         micro_f1=micro_f1,
-        macro_f1=round(float(np.mean([s["f1"] for s in per_label.values()])), 4),
+        macro_f1=macro_f1(per_label),
         per_label=per_label,
     )
 
@@ -303,28 +342,214 @@ def _predict_photos(
     )
 
 
-def f1_scores(
-    truth: npt.NDArray[np.bool_], predicted: npt.NDArray[np.bool_], labels: Sequence[str]
-) -> tuple[float, dict[str, LabelScores]]:
-    """Micro F1 and per-label scores of (N, L) bool truth against (N, L) bool predictions.
+def calibrate_tagger(
+    model_dir: Path,
+    data_root: Path,
+    *,
+    default_threshold: float = DEFAULT_THRESHOLD,
+    floor: float = THRESHOLD_FLOOR,
+    min_support: int = MIN_CALIBRATION_SUPPORT,
+    image_ids: Sequence[int] | None = None,
+    batch_size: int = 32,
+) -> ThresholdCalibration:
+    """Choose a tagger folder's per-label thresholds on the validation photos, in place.
 
-    An undefined ratio (nothing predicted, nothing true) counts as 0.
+    tagger.json gets the thresholds and the `ThresholdCalibration` figures; MODEL_CARD.md,
+    where there is one, gets them in its Thresholds section. `image_ids` defaults to every
+    tagged photo; only its validation ids are used.
     """
-    true_pos = (truth & predicted).sum(axis=0)
-    false_pos = (~truth & predicted).sum(axis=0)
-    false_neg = (truth & ~predicted).sum(axis=0)
+    tagger = Tagger(model_dir=model_dir)
+    candidates = image_annotated_ids(data_root) if image_ids is None else image_ids
+    ids = [i for i in candidates if is_validation(i)]
+    tags = read_tags(data_root, ids)
+    truth = np.array([[label in tags[i] for label in tagger.labels] for i in ids], dtype=bool)
+    scores = _predict_photos(tagger, data_root, ids, batch_size)
 
-    per_label = {
-        label: LabelScores(
-            f1=_ratio(2 * tp, 2 * tp + fp + fn),
-            precision=_ratio(tp, tp + fp),
-            recall=_ratio(tp, tp + fn),
-            support=int(tp + fn),
+    calibration = calibrate(
+        truth,
+        scores,
+        tagger.labels,
+        halves=np.array([calibration_half(i) for i in ids]),
+        photos=VALIDATION_PHOTOS,
+        default_threshold=default_threshold,
+        floor=floor,
+        min_support=min_support,
+    )
+    thresholds = {label: c.threshold for label, c in calibration.labels.items()}
+    config = tagger.config.model_copy(update={"thresholds": thresholds, "calibration": calibration})
+    config.write(model_dir / CONFIG_FILE)
+    card = model_dir / MODEL_CARD_FILE
+    if card.is_file():
+        card.write_text(replace_section(card.read_text(), thresholds_section(calibration)))
+
+    log.info(
+        "tagger_calibrated",
+        model_version=model_version(config.name, model_dir),
+        num_images=len(ids),
+        micro_f1_before=calibration.before.micro_f1,
+        micro_f1_held_out=calibration.held_out.micro_f1,
+        macro_f1_before=calibration.before.macro_f1,
+        macro_f1_held_out=calibration.held_out.macro_f1,
+    )
+    return calibration
+
+
+def calibration_half(image_id: int) -> int:
+    """0 or 1: validation ids alternate between the two halves of the held-out figures."""
+    return (image_id // VALIDATION_EVERY) % 2
+
+
+def calibrate(
+    truth: npt.NDArray[np.bool_],
+    scores: npt.NDArray[np.float32],
+    labels: Sequence[str],
+    *,
+    halves: npt.NDArray[np.int_],
+    photos: str,
+    default_threshold: float = DEFAULT_THRESHOLD,
+    floor: float = THRESHOLD_FLOOR,
+    min_support: int = MIN_CALIBRATION_SUPPORT,
+) -> ThresholdCalibration:
+    """Per-label thresholds with the best F1 on (N, L) bool truth and (N, L) float scores.
+
+    `halves` (N,) 0 or 1 splits the photos for the held-out figures: thresholds chosen on
+    one half predict the other.
+    """
+    chosen = best_thresholds(truth, scores, labels, floor=floor, min_support=min_support)
+    thresholds = {label: default_threshold if t is None else t for label, t in chosen.items()}
+    held_out = np.zeros(truth.shape, dtype=bool)
+    for half in (0, 1):
+        rows = halves == half
+        other = best_thresholds(
+            truth[~rows], scores[~rows], labels, floor=floor, min_support=min_support
         )
-        for label, tp, fp, fn in zip(labels, true_pos, false_pos, false_neg, strict=True)
-    }
-    micro = _ratio(2 * true_pos.sum(), 2 * true_pos.sum() + false_pos.sum() + false_neg.sum())
-    return micro, per_label
+        cut = [default_threshold if other[label] is None else other[label] for label in labels]
+        held_out[rows] = scores[rows] > np.array(cut)
+
+    before = f1_scores(truth, scores > default_threshold, labels)
+    after = f1_scores(truth, scores > np.array([thresholds[label] for label in labels]), labels)
+    held = f1_scores(truth, held_out, labels)
+    support = truth.sum(axis=0)
+    return ThresholdCalibration(
+        photos=photos,
+        num_images=len(truth),
+        default_threshold=default_threshold,
+        floor=floor,
+        grid_step=THRESHOLD_GRID_STEP,
+        min_support=min_support,
+        before=_figures(before),
+        after=_figures(after),
+        held_out=_figures(held),
+        labels={
+            label: LabelCalibration(
+                threshold=thresholds[label],
+                support=int(support[index]),
+                default_f1=before[1][label]["f1"],
+                f1=after[1][label]["f1"],
+                held_out_f1=held[1][label]["f1"],
+                fallback=chosen[label] is None,
+            )
+            for index, label in enumerate(labels)
+        },
+    )
+
+
+def best_thresholds(
+    truth: npt.NDArray[np.bool_],
+    scores: npt.NDArray[np.float32],
+    labels: Sequence[str],
+    *,
+    floor: float,
+    min_support: int,
+) -> dict[str, float | None]:
+    """Per label, the grid threshold from `floor` up with the highest F1.
+
+    Among equally good thresholds the middle one is taken. A label with fewer than
+    `min_support` positives, or with F1 0 at every threshold, gets None.
+    """
+    grid = np.round(np.arange(floor, 1.0 - THRESHOLD_GRID_STEP / 2, THRESHOLD_GRID_STEP), 4)
+    predicted = scores[None, :, :] > grid[:, None, None]
+    true_pos = (predicted & truth[None]).sum(axis=1)
+    false_pos = (predicted & ~truth[None]).sum(axis=1)
+    false_neg = truth.sum(axis=0)[None, :] - true_pos
+    denominator = 2 * true_pos + false_pos + false_neg
+    f1 = np.divide(
+        2 * true_pos, denominator, out=np.zeros(denominator.shape), where=denominator > 0
+    )
+
+    thresholds: dict[str, float | None] = {}
+    for index, label in enumerate(labels):
+        best = f1[:, index].max()
+        if truth[:, index].sum() < min_support or best == 0:
+            thresholds[label] = None
+            continue
+        tied = np.flatnonzero(f1[:, index] >= best - 1e-9)
+        thresholds[label] = float(grid[tied[len(tied) // 2]])
+    return thresholds
+
+
+def _figures(scores: tuple[float, Mapping[str, LabelScores]]) -> F1Figures:
+    micro, per_label = scores
+    return F1Figures(micro_f1=micro, macro_f1=macro_f1(per_label))
+
+
+def thresholds_section(calibration: ThresholdCalibration) -> list[str]:
+    """The model card's Thresholds section: how they were chosen and F1 before and after."""
+    values = [c.threshold for c in calibration.labels.values()]
+    fallbacks = [label for label, c in calibration.labels.items() if c.fallback]
+    rows = [
+        f"| {label} | {c.support} | {c.threshold:.2f} | {c.default_f1:.2f} | {c.f1:.2f} "
+        f"| {c.held_out_f1:.2f} |"
+        for label, c in calibration.labels.items()
+    ]
+    default = calibration.default_threshold
+    return [
+        "## Thresholds",
+        "",
+        f"One threshold per label, calibrated on the {calibration.num_images} "
+        f"{calibration.photos}: the threshold on a {calibration.grid_step} grid from "
+        f"{calibration.floor} to 0.99 with the best F1 (the middle one of equals); a label "
+        f"on fewer than {calibration.min_support} of the photos, or with F1 0 at every "
+        f"threshold, keeps {default}. They range from {min(values):.2f} to {max(values):.2f}; "
+        f"{len(fallbacks)} label(s) kept {default}{': ' if fallbacks else ''}"
+        f"{', '.join(fallbacks)}. Made by `enrich train tagger` after training, or again on "
+        "an existing folder with `enrich train tagger --calibrate-only`.",
+        "",
+        "Choosing and scoring thresholds on the same photos flatters them, so the held-out "
+        "row chooses them on one half of the validation photos (ids alternating) and scores "
+        "the other half, both ways round, pooled: that row is the figure to expect.",
+        "",
+        "| thresholds | micro F1 | macro F1 |",
+        "| --- | --- | --- |",
+        f"| every label {default} | {calibration.before.micro_f1:.3f} "
+        f"| {calibration.before.macro_f1:.3f} |",
+        f"| calibrated, held out (two halves) | **{calibration.held_out.micro_f1:.3f}** "
+        f"| **{calibration.held_out.macro_f1:.3f}** |",
+        f"| calibrated, scored on the same photos | {calibration.after.micro_f1:.3f} "
+        f"| {calibration.after.macro_f1:.3f} |",
+        "",
+        f"| label | support | threshold | F1 at {default} | F1 (same photos) | F1 held out |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
+
+
+def replace_section(card: str, section: list[str]) -> str:
+    """The card with `section` (its first line the `## ` heading) in place of the old one.
+
+    A card without that section gets it before Limitations, or at its end.
+    """
+    lines = card.splitlines()
+    heading = section[0]
+    if heading in lines:
+        start = lines.index(heading)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+    else:
+        start = end = lines.index("## Limitations") if "## Limitations" in lines else len(lines)
+    return "\n".join([*lines[:start], *section, *lines[end:]]) + "\n"
 
 
 def write_model_card(out_dir: Path, report: TrainingReport) -> None:
@@ -368,14 +593,15 @@ def write_model_card(out_dir: Path, report: TrainingReport) -> None:
         "",
         "## Validation",
         "",
-        f"On the {evaluation['num_images']} validation photos, every threshold "
-        f"{report['threshold']}: micro F1 **{evaluation['micro_f1']:.3f}**, "
+        f"On the {evaluation['num_images']} validation photos, before calibration (every "
+        f"threshold {report['threshold']}): micro F1 **{evaluation['micro_f1']:.3f}**, "
         f"macro F1 **{evaluation['macro_f1']:.3f}**.",
         "",
         "| label | support | precision | recall | F1 |",
         "| --- | --- | --- | --- | --- |",
         *rows,
         "",
+        *thresholds_section(ThresholdCalibration.model_validate(report["calibration"])),
         "## Limitations",
         "",
         "A first baseline, not a product model. CCP has few tagged photos, its labels are "
@@ -485,7 +711,8 @@ def _options(report: TrainingReport) -> str:
         f"--data {report['data_root']} --out {report['out_dir']} --epochs {report['epochs']} "
         f"--freeze-epochs {report['freeze_epochs']} --image-size {report['image_size']} "
         f"--seed {report['seed']} --threshold {report['threshold']} "
-        f"--base-lr {report['base_lr']} --lr-mult {report['lr_mult']} "
+        f"--threshold-floor {report['threshold_floor']} --base-lr {report['base_lr']} "
+        f"--lr-mult {report['lr_mult']} "
         f"--batch-size {report['batch_size']} --min-label-count {report['min_label_count']}"
     )
 
@@ -497,10 +724,6 @@ def _device_description(device: str) -> str:
     return f"CPU ({cpu}, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} cores)"
 
 
-def _ratio(numerator: int | np.integer, denominator: int | np.integer) -> float:
-    return round(float(numerator) / float(denominator), 4) if denominator else 0.0
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the tagger on CCP's tagged photos.")
     parser.add_argument("--data", type=Path, default=DEFAULT_CCP_ROOT)
@@ -509,17 +732,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--freeze-epochs", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threshold", type=float, default=0.2)
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    parser.add_argument("--threshold-floor", type=float, default=THRESHOLD_FLOOR)
     parser.add_argument("--base-lr", type=float, default=2e-3)
     parser.add_argument("--lr-mult", type=float, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--min-label-count", type=int, default=MIN_LABEL_COUNT)
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--evaluate-only", action="store_true")
+    parser.add_argument("--calibrate-only", action="store_true")
     args = parser.parse_args(argv)
 
     if args.evaluate_only:
         result: Mapping[str, object] = evaluate_tagger(args.out, args.data)
+    elif args.calibrate_only:
+        result = calibrate_tagger(
+            args.out,
+            args.data,
+            default_threshold=args.threshold,
+            floor=args.threshold_floor,
+            image_ids=image_annotated_ids(args.data)[: args.max_images],
+            batch_size=args.batch_size,
+        ).model_dump()
     else:
         result = train_tagger(
             args.data,
@@ -529,6 +763,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             image_size=args.image_size,
             seed=args.seed,
             threshold=args.threshold,
+            threshold_floor=args.threshold_floor,
             base_lr=args.base_lr,
             lr_mult=args.lr_mult,
             batch_size=args.batch_size,

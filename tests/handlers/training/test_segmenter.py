@@ -1,44 +1,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from handlers.training.segmenter import (
     MERGE_RADIUS,
     TrainingExample,
-    average_precision,
     garment_instances,
     make_sample,
-    mask_ious,
 )
-
-
-def test_average_precision_is_1_when_every_truth_ranks_first() -> None:
-    ap = average_precision([0.9, 0.8, 0.1], [True, True, False], num_truths=2)
-
-    assert ap == pytest.approx(1.0)
-
-
-def test_a_false_positive_ranked_first_halves_the_average_precision() -> None:
-    ap = average_precision([0.9, 0.8], [False, True], num_truths=1)
-
-    assert ap == pytest.approx(0.5)
-
-
-def test_a_missed_truth_caps_the_average_precision_at_its_recall() -> None:
-    ap = average_precision([0.9], [True], num_truths=2)
-
-    assert ap == pytest.approx(51 / 101)
-
-
-def test_mask_ious_of_halves_and_the_whole() -> None:
-    left = np.zeros((1, 4, 4), dtype=bool)
-    left[0, :, :2] = True
-    whole = np.ones((1, 4, 4), dtype=bool)
-
-    ious = mask_ious(np.concatenate([left, whole]), whole)
-
-    assert ious[:, 0].tolist() == pytest.approx([0.5, 1.0])
 
 
 def test_nearby_regions_merge_and_tiny_ones_are_dropped() -> None:
