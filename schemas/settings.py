@@ -21,6 +21,13 @@ class SegmentationBackend(StrEnum):
     DETECTRON2 = "detectron2"
 
 
+class EmbeddingPooling(StrEnum):
+    """How the embedding stage turns token vectors into one text vector."""
+
+    MEAN_LAST_LAYER = "mean_last_layer"
+    SENTENCE_TRANSFORMERS = "sentence_transformers"
+
+
 class ModelSettings(BaseModel):
     segmentation_backend: SegmentationBackend = SegmentationBackend.TORCHVISION
     segmenter_dir: Path = REPO_ROOT / "models" / "segmenter"
@@ -28,6 +35,17 @@ class ModelSettings(BaseModel):
     embedding_dir: Path | None = Field(
         default=None,
         description="A transformers model folder; unset means the packaged all-MiniLM-L6-v2.",
+    )
+    embedding_pooling: EmbeddingPooling = Field(
+        default=EmbeddingPooling.SENTENCE_TRANSFORMERS,
+        description="sentence_transformers: the folder's own pooling (modules.json); "
+        "mean_last_layer: the mean of the last layer's token vectors, for any folder.",
+    )
+    embedding_window_overlap: int = Field(
+        default=32,
+        ge=0,
+        description="Tokens shared by consecutive windows of a text longer than the encoder's "
+        "limit.",
     )
     device: str | None = Field(default=None, description="cuda, cuda:1 or cpu; unset picks CUDA.")
     mask_score_threshold: float | None = Field(

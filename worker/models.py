@@ -39,9 +39,7 @@ def load_models(settings: ModelSettings) -> Models:
         score_threshold=settings.mask_score_threshold,
     )
     tagger = Tagger(model_dir=settings.tagger_dir, device=settings.device)
-    embedder = TextEmbedder(
-        model_dir=settings.embedding_dir or default_embedding_model_dir(), device=settings.device
-    )
+    embedder = TextEmbedder.from_settings(settings)
 
     return Models(segmenter=segmenter, tagger=tagger, embedder=embedder)
 
