@@ -32,6 +32,10 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 task_acks_on_failure_or_timeout = True
 worker_prefetch_multiplier = 1
+# RabbitMQ closes a channel that holds a message unacknowledged past its consumer_timeout;
+# schemas.settings.BatchSettings checks that this limit and a retry's countdown fit below it.
+# Only prefork enforces it; a threads pool bounds its batch waits (worker.batching) instead.
+task_soft_time_limit = _settings.batch.task_time_limit_s
 
 # One process holds the models; on a GPU more processes only compete for it.
 worker_concurrency = 1

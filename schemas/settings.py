@@ -10,7 +10,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +82,66 @@ class ImageSettings(BaseModel):
     timeout_s: float = Field(default=20.0, gt=0, description="Limit on one whole download.")
 
 
+RETRY_COUNTDOWN_MAX_S = 300.0
+"""The longest retry countdown (worker.tasks.backoff_s); Celery holds a retried task's message
+unacknowledged during its countdown."""
+
+
+class BatchSettings(BaseModel):
+    """Batches of the model stages, formed across the events one worker process runs at once,
+    and the limits that keep every message below RabbitMQ's consumer timeout."""
+
+    max_size: int = Field(
+        default=8, ge=1, le=256, description="Images or texts per model call, across events."
+    )
+    max_wait_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=10_000,
+        description="How long the oldest item waits for a batch to fill before it runs.",
+    )
+    mixed_precision: bool = Field(
+        default=True, description="float16 autocast on CUDA; CPU stages always run float32."
+    )
+    task_time_limit_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="A task still running after this long stops waiting for its batches and "
+        "is retried (Celery's soft time limit under prefork).",
+    )
+    consumer_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="RabbitMQ's consumer_timeout, which closes a channel holding a message "
+        "unacknowledged for longer; checked against the limits above.",
+    )
+
+    @model_validator(mode="after")
+    def _fits_the_consumer_timeout(self) -> BatchSettings:
+        if self.max_wait_ms / 1000 >= self.task_time_limit_s:
+            raise ValueError(
+                f"ENRICH_BATCH__MAX_WAIT_MS {self.max_wait_ms:g} ms must be shorter than "
+                f"ENRICH_BATCH__TASK_TIME_LIMIT_S {self.task_time_limit_s:g} s, or no batch "
+                "could run within a task's time"
+            )
+        longest_s = self.longest_unacked_s()
+        if longest_s >= self.consumer_timeout_s:
+            raise ValueError(
+                f"a task message could stay unacknowledged {longest_s:g} s (a retry's "
+                f"countdown of up to {RETRY_COUNTDOWN_MAX_S:g} s, then "
+                f"ENRICH_BATCH__TASK_TIME_LIMIT_S {self.task_time_limit_s:g} s), which is not "
+                f"below ENRICH_BATCH__CONSUMER_TIMEOUT_S {self.consumer_timeout_s:g} s: "
+                "RabbitMQ would close the channel. Lower the time limit or raise the broker's "
+                "consumer_timeout (and this setting with it)"
+            )
+        return self
+
+    def longest_unacked_s(self) -> float:
+        """The longest a task message can stay unacknowledged: a retry's countdown, during
+        which Celery holds it, then a run up to the time limit, batch waits included."""
+        return RETRY_COUNTDOWN_MAX_S + self.task_time_limit_s
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ENRICH_", env_nested_delimiter="__", extra="ignore"
@@ -96,6 +156,7 @@ class Settings(BaseSettings):
     models: ModelSettings = Field(default_factory=ModelSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     images: ImageSettings = Field(default_factory=ImageSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
     log_json: bool | None = Field(default=None, description="Unset means JSON off a terminal.")
     log_level: str = "INFO"
     metrics_host: str = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import Any
 
 import structlog
@@ -27,6 +28,28 @@ connect_signals()
 def _setup_logging(**_: Any) -> None:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+
+
+@signals.worker_ready.connect
+def _load_models_in_threads_pool(sender: Any = None, **_: Any) -> None:
+    """A threads or solo pool runs tasks in this process, where no worker_process_init
+    comes: load the models here, in the background, so that the consumer keeps its
+    heartbeats (the first task waits for them under process_resources' lock)."""
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    if isinstance(getattr(sender, "pool", None), PreforkPool):
+        return
+    threading.Thread(target=_load_models_or_stop, name="load-models", daemon=True).start()
+
+
+def _load_models_or_stop() -> None:
+    from worker.tasks import process_resources
+
+    try:
+        process_resources()
+    except ModelLoadError:
+        structlog.get_logger(__name__).critical("worker_cannot_start", exc_info=True)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @signals.worker_process_init.connect

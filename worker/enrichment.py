@@ -3,6 +3,7 @@ publish. Celery-free, so that the same steps serve the worker, the demo and the 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,25 +41,28 @@ log = structlog.get_logger(__name__)
 
 @dataclass
 class Resources:
-    """What a worker process holds: models, an S3 client and a database connection."""
+    """What a worker process holds: models, an S3 client, and a database connection per
+    thread (a threads pool runs several tasks at once; a psycopg connection serves one)."""
 
     settings: Settings
     models: Models
     s3_client: objects.S3Client
     fetcher: ImageFetcher
-    _conn: psycopg.Connection[Any] | None = field(default=None, repr=False)
+    _local: threading.local = field(default_factory=threading.local, repr=False)
 
     @contextmanager
     def database(self) -> Iterator[psycopg.Connection[Any]]:
-        """This process's connection; a broken one is dropped and the fault is transient."""
+        """This thread's connection; a broken one is dropped and the fault is transient."""
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         try:
-            if self._conn is None or self._conn.closed:
-                self._conn = database.connect(self.settings.database_url.get_secret_value())
-            yield self._conn
+            if conn is None or conn.closed:
+                conn = database.connect(self.settings.database_url.get_secret_value())
+                self._local.conn = conn
+            yield conn
         except psycopg.OperationalError as exc:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = None
+            if conn is not None:
+                conn.close()
+            self._local.conn = None
             raise TransientFault(f"database unavailable: {exc}") from exc
 
 

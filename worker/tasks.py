@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from typing import Any
 
 import structlog
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from handlers.base import ModelLoadError, StageError
+from handlers.segmentation import resolve_device
 from schemas.events import ProductCreated
-from schemas.settings import get_settings
-from worker import metrics
+from schemas.settings import RETRY_COUNTDOWN_MAX_S, get_settings
+from worker import batching, metrics
 from worker.app import app
 from worker.enrichment import Enrichment, Resources, commit, enrich, failed
 from worker.errors import InvalidEvent, TransientFault, UnreadableImage
@@ -42,9 +44,13 @@ def process_resources() -> Resources:
             objects.ensure_bucket(client, settings.s3.mask_bucket)
             with metrics.model_load_timer():
                 models = get_models(settings.models)
+            # One copy of the weights per process; the batchers share it among task threads.
+            batched, _ = batching.batched_models(
+                models, settings.batch, device=resolve_device(settings.models.device)
+            )
             _resources = Resources(
                 settings=settings,
-                models=models,
+                models=batched,
                 s3_client=client,
                 fetcher=ImageFetcher(client, settings.s3, settings.images),
             )
@@ -57,12 +63,13 @@ def process_resources() -> Resources:
 def backoff_s(retries: int) -> float:
     """Exponential backoff with equal jitter: 2, 4, 8 ... s capped at 300 s, each between
     half and all of that, so that six retries span at least a minute of outage."""
-    ceiling = min(300.0, 2.0 ** (retries + 1))
+    ceiling = min(RETRY_COUNTDOWN_MAX_S, 2.0 ** (retries + 1))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 @app.task(bind=True, name="enrichment.enrich_product", max_retries=MAX_RETRIES)
 def enrich_product(self: Task, event: dict[str, Any]) -> str:
+    started = time.perf_counter()
     try:
         product = ProductCreated.model_validate(event)
     except ValidationError as exc:
@@ -78,13 +85,14 @@ def enrich_product(self: Task, event: dict[str, Any]) -> str:
         raise Reject(f"models cannot load: {exc}", requeue=True) from exc
 
     try:
-        with resources.database() as conn:
-            starts = database.count_attempt(conn, product.event_id)
-        if starts > MAX_STARTS:
-            return _abandon(product, resources, f"started {starts} times without finishing")
-        enrichment = _outcome(product, resources)
-        with app.producer_or_acquire() as producer:
-            written = commit(enrichment, resources, producer)
+        with batching.time_limit(resources.settings.batch.task_time_limit_s):
+            with resources.database() as conn:
+                starts = database.count_attempt(conn, product.event_id)
+            if starts > MAX_STARTS:
+                return _abandon(product, resources, f"started {starts} times without finishing")
+            enrichment = _outcome(product, resources)
+            with app.producer_or_acquire() as producer:
+                written = commit(enrichment, resources, producer)
     except TransientFault as exc:
         if self.request.retries >= MAX_RETRIES:
             return _abandon(
@@ -104,6 +112,7 @@ def enrich_product(self: Task, event: dict[str, Any]) -> str:
         masks=sum(len(image.masks) for image in completed.images),
         duplicate=not written,
         duration_ms=completed.timings_ms.get("total"),
+        task_ms=round((time.perf_counter() - started) * 1000, 1),
     )
     return str(completed.status)
 
@@ -126,6 +135,8 @@ def _outcome(product: ProductCreated, resources: Resources) -> Enrichment:
         return failed(product, models, reason=str(exc), kind="stage_failed", stage=exc.stage)
     except TransientFault:
         raise
+    except SoftTimeLimitExceeded:
+        raise  # batching.time_limit makes it a retry
     except Exception as exc:
         log.exception("enrichment_crashed")
         _dead_letter(product, kind="unexpected", reason=repr(exc))
