@@ -37,7 +37,13 @@ def _setup_logging() -> None:
 
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option(help="Pool processes; each loads the models.")] = 1,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            help="Pool processes, each with its models; with --pool threads, task threads "
+            "that share one copy and batch across events (docs/sizing.md)."
+        ),
+    ] = 1,
     pool: Annotated[str, typer.Option(help="Celery pool: prefork, solo or threads.")] = "prefork",
     loglevel: Annotated[str, typer.Option(help="Celery's log level.")] = "INFO",
     hostname: Annotated[
@@ -234,15 +240,26 @@ def dlq_replay(
 
 
 @bench_app.callback(invoke_without_command=True)
-def bench(ctx: typer.Context) -> None:
-    """Benchmarks; without a subcommand, the worker benchmark."""
+def bench(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option(help="The shared datasets folder.")] = DEFAULT_CCP.parent,
+    events: Annotated[int, typer.Option(help="Events through the whole worker.")] = 200,
+    photos: Annotated[int, typer.Option(help="Photos the stages are timed on.")] = 32,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Worker task threads; unset: twice the batch size.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Benchmarks; without a subcommand, the stages alone and the whole worker on real
+    photos (local Postgres and S3, the configured RabbitMQ)."""
     if ctx.invoked_subcommand is not None:
         return
 
-    # Placeholder: the worker benchmark (worker/bench.py) is being added in parallel and
-    # replaces these lines with its options and its call.
-    typer.echo("the worker benchmark is not here yet; `enrich bench similarity` is", err=True)
-    raise typer.Exit(2)
+    from worker.bench import BenchConfig, print_bench
+
+    _setup_logging()
+    config = BenchConfig(datasets=data, events=events, photos=photos, concurrency=concurrency)
+    raise typer.Exit(print_bench(get_settings(), config, as_json=as_json))
 
 
 @bench_app.command("similarity")
