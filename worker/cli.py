@@ -189,6 +189,29 @@ def serve(
 
 
 @app.command()
+def expand(
+    term: Annotated[str, typer.Argument(help="The search term, a word or a short phrase.")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many labels.")] = 10,
+    vocabulary: Annotated[
+        Path | None,
+        typer.Option(
+            help="Labels to choose from, one a line, instead of the tagger's labels and the "
+            "stored products' attributes."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Attribute labels nearest to a search term, for keyword and search expansion."""
+    from worker.expand import print_expansions
+
+    _setup_logging()
+    settings = get_settings()
+    raise typer.Exit(
+        print_expansions(settings, term, k=k, vocabulary_file=vocabulary, as_json=as_json)
+    )
+
+
+@app.command()
 def demo(
     data: Annotated[Path, typer.Option(help="The shared datasets folder.")] = DEFAULT_CCP.parent,
     products: Annotated[int, typer.Option(help="How many products to enrich.")] = 24,

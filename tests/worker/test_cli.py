@@ -23,6 +23,7 @@ runner = CliRunner()
         ["dlq", "replay"],
         ["similar"],
         ["serve"],
+        ["expand"],
         ["bench"],
         ["bench", "similarity"],
     ],
