@@ -21,7 +21,16 @@ task_queues = (
         routing_key=_settings.task_queue,
         durable=True,
     ),
+    # Backfilled products wait here, apart from uploads: a worker consumes both queues, so an
+    # upload waits for the task in hand, never behind a backfill's whole backlog.
+    Queue(
+        _settings.backfill_queue,
+        Exchange(_settings.backfill_queue, type="direct"),
+        routing_key=_settings.backfill_queue,
+        durable=True,
+    ),
 )
+task_routes = {"enrichment.start_backfill": {"queue": _settings.backfill_queue}}
 task_serializer = "json"
 accept_content = ["json"]
 task_ignore_result = True

@@ -153,6 +153,16 @@ class Settings(BaseSettings):
     intake_queue: str = "enrichment.product_created"
     task_queue: str = "enrichment.tasks"
     dead_letter_queue: str = "enrichment.dead_letter"
+    backfill_queue: str = Field(
+        default="enrichment.backfill",
+        description="Celery's queue of backfilled enrichment tasks, apart from uploads' tasks.",
+    )
+    backfill_slice_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long one enrichment.start_backfill task submits before it hands the "
+        "rest of the run to a new task, so that a worker process is not held by a long run.",
+    )
     models: ModelSettings = Field(default_factory=ModelSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     images: ImageSettings = Field(default_factory=ImageSettings)

@@ -262,6 +262,91 @@ def dlq_replay(
     typer.echo(f"replayed {count} messages")
 
 
+@app.command()
+def backfill(
+    from_jsonl: Annotated[
+        Path | None, typer.Option(help="A JSON lines file of product-created events.")
+    ] = None,
+    from_sql: Annotated[
+        str | None,
+        typer.Option(
+            help="A query on the catalog's Postgres returning product_id, title, images (jsonb)"
+            " or image_urls (text[]), and optionally description and attributes (text[])."
+        ),
+    ] = None,
+    from_s3: Annotated[
+        str | None, typer.Option(help="s3://bucket/prefix/ of JSON lines objects (.gz too).")
+    ] = None,
+    catalog_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Postgres of --from-sql; unset means ENRICH_DATABASE_URL. Give its password"
+            " as PGPASSWORD rather than in the URL, which `ps` shows."
+        ),
+    ] = None,
+    missing: Annotated[bool, typer.Option("--missing", help="Never enriched (default).")] = False,
+    stale: Annotated[
+        bool, typer.Option("--stale", help="Enriched by other model versions than the current.")
+    ] = False,
+    every: Annotated[bool, typer.Option("--all", help="Every product of the source.")] = False,
+    run_id: Annotated[
+        str | None, typer.Option(help="Resume this run; unset starts a new one.")
+    ] = None,
+    rate: Annotated[float | None, typer.Option(help="At most this many products a second.")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Products per database round trip.")] = 2000,
+    wait: Annotated[
+        bool, typer.Option(help="Follow the workers until every product is done or failed.")
+    ] = True,
+) -> None:
+    """Submit catalog products for enrichment again, e.g. after a new model version."""
+    from pydantic import SecretStr, ValidationError
+
+    from schemas.backfill import BackfillMode, BackfillRequest
+    from worker.backfill import backfill_command
+
+    sources = {"jsonl": from_jsonl, "sql": from_sql, "s3": from_s3}
+    given = [kind for kind, value in sources.items() if value is not None]
+    modes = [mode for mode, on in zip(BackfillMode, (missing, stale, every), strict=True) if on]
+    if len(given) != 1 or len(modes) > 1:
+        typer.echo(
+            "give one of --from-jsonl, --from-sql, --from-s3 and at most one of"
+            " --missing, --stale, --all",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+    _setup_logging()
+    fields = {"jsonl": "path", "sql": "query", "s3": "url"}
+    source: dict[str, object] = {"kind": given[0], fields[given[0]]: sources[given[0]]}
+    if catalog_url is not None:
+        source["catalog_url"] = SecretStr(catalog_url)
+    try:
+        request = BackfillRequest.model_validate(
+            {
+                "source": source,
+                "mode": modes[0] if modes else BackfillMode.MISSING,
+                "run_id": run_id,
+                "rate": rate,
+                "chunk_size": chunk_size,
+            }
+        )
+    except ValidationError as exc:
+        typer.echo(f"cannot backfill: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    raise typer.Exit(backfill_command(get_settings(), request, wait=wait))
+
+
+@app.command()
+def status(
+    run: Annotated[str | None, typer.Option(help="One run; unset lists the latest.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Backfill runs: submitted, done, failed and pending, failures grouped by reason."""
+    from worker.backfill import print_status
+
+    raise typer.Exit(print_status(get_settings(), run, as_json=as_json))
+
+
 @bench_app.callback(invoke_without_command=True)
 def bench(
     ctx: typer.Context,

@@ -59,6 +59,7 @@ class LocalStack:
             "ENRICH_INTAKE_QUEUE": s.intake_queue,
             "ENRICH_TASK_QUEUE": s.task_queue,
             "ENRICH_DEAD_LETTER_QUEUE": s.dead_letter_queue,
+            "ENRICH_BACKFILL_QUEUE": s.backfill_queue,
             "AWS_ACCESS_KEY_ID": LOCAL_S3_KEY,
             "AWS_SECRET_ACCESS_KEY": LOCAL_S3_KEY,
             "HF_HUB_OFFLINE": "1",
@@ -90,6 +91,7 @@ def local_stack(root: Path, *, base: Settings | None = None) -> Iterator[LocalSt
                 "intake_queue": f"{base.intake_queue}.{run_id}",
                 "task_queue": f"{base.task_queue}.{run_id}",
                 "dead_letter_queue": f"{base.dead_letter_queue}.{run_id}",
+                "backfill_queue": f"{base.backfill_queue}.{run_id}",
             }
         )
         from worker.stores.database import migrate
@@ -107,7 +109,12 @@ def delete_queues(settings: Settings) -> None:
     """Delete a run's queues; each is durable and would outlive the run."""
     with Connection(settings.broker_url.get_secret_value()) as conn:
         channel = conn.channel()
-        for name in (settings.intake_queue, settings.task_queue, settings.dead_letter_queue):
+        for name in (
+            settings.intake_queue,
+            settings.task_queue,
+            settings.dead_letter_queue,
+            settings.backfill_queue,
+        ):
             try:
                 channel.queue_delete(name)
             except Exception:
@@ -117,7 +124,7 @@ def delete_queues(settings: Settings) -> None:
 def delete_exchanges(settings: Settings) -> None:
     with Connection(settings.broker_url.get_secret_value()) as conn:
         channel = conn.channel()
-        for name in (settings.exchange, settings.task_queue):
+        for name in (settings.exchange, settings.task_queue, settings.backfill_queue):
             try:
                 channel.exchange_delete(name)
             except Exception:

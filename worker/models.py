@@ -9,7 +9,7 @@ from handlers.embedding import TextEmbedder, default_embedding_model_dir
 from handlers.segmentation import Segmenter, load_segmenter
 from handlers.tagging import Tagger
 from schemas.events import ModelVersions
-from schemas.settings import ModelSettings
+from schemas.settings import ModelSettings, SegmentationBackend
 
 _lock = threading.Lock()
 _loaded: Models | None = None
@@ -61,3 +61,35 @@ def get_models(settings: ModelSettings) -> Models:
         if _loaded is None:
             _loaded = load_models(settings)
         return _loaded
+
+
+def current_model_versions(settings: ModelSettings) -> ModelVersions:
+    """The versions `load_models(settings).versions` gives, loading no model: each stage's
+    name comes from its folder's config as the stage reads it, and the hash from the files.
+
+    Backfills compare these with the enrichments' versions (`--stale`) without a model's
+    memory or load time.
+    """
+    from handlers.base import model_version
+    from handlers.embedding import _model_id as embedding_model_id
+    from handlers.embedding import read_pooling
+    from handlers.tagging import CONFIG_FILE, TaggerConfig
+
+    if settings.segmentation_backend == SegmentationBackend.DETECTRON2:
+        from handlers.detectron2_backend import read_config
+    else:
+        from handlers.torchvision_backend import read_config  # type: ignore[assignment]
+    segmenter_name = read_config(settings.segmenter_dir).name
+    tagger_name = TaggerConfig.read(settings.tagger_dir / CONFIG_FILE).name
+    embedding_dir = settings.embedding_dir or default_embedding_model_dir()
+    pooling = read_pooling(settings.embedding_pooling, embedding_dir)
+
+    tagging = model_version(tagger_name, settings.tagger_dir)
+
+    return ModelVersions(
+        segmentation=model_version(segmenter_name, settings.segmenter_dir),
+        tagging=tagging,
+        embedding=model_version(
+            f"{embedding_model_id(embedding_dir)}:{pooling.name}", embedding_dir
+        ),
+    )

@@ -171,3 +171,59 @@ def _dead_letter(product: ProductCreated, *, kind: str, reason: str) -> None:
             reason=reason,
             routing_key=str(product.event_type),
         )
+
+
+@app.task(bind=True, name="enrichment.start_backfill", max_retries=MAX_RETRIES)
+def start_backfill(self: Task, request: dict[str, Any], skip: int = 0) -> dict[str, Any]:
+    """Submit a backfill (schemas.backfill.BackfillRequest) for another service.
+
+    Each task submits for `ENRICH_BACKFILL_SLICE_S`, then hands the rest to a new task that
+    starts `skip` records into the source. The run id defaults to one made of the task id, so
+    that a redelivered task resumes its own run.
+    """
+    import json
+
+    from schemas.backfill import BackfillRequest
+    from worker.backfill import InvalidBackfill, run_backfill
+
+    settings = get_settings()
+    try:
+        parsed = BackfillRequest.model_validate(request)
+        parsed = parsed.model_copy(update={"run_id": parsed.run_id or f"bf-{self.request.id}"})
+        outcome = run_backfill(
+            parsed, settings, deadline=time.monotonic() + settings.backfill_slice_s, skip=skip
+        )
+    except (ValidationError, InvalidBackfill) as exc:
+        reason = str(exc)
+        with app.producer_or_acquire() as producer:
+            dead_letter(
+                producer,
+                settings,
+                json.dumps(_without_secrets(request), default=str).encode(),
+                kind=InvalidBackfill.kind,
+                reason=reason,
+                routing_key="enrichment.start_backfill",
+            )
+        log.warning("backfill_rejected", reason=reason[:500], outcome="dead_lettered")
+        return {"status": "rejected", "reason": reason}
+    except TransientFault as exc:
+        log.warning("backfill_retried", reason=str(exc), attempt=self.request.retries + 1)
+        raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc
+
+    if not outcome.finished:
+        start_backfill.apply_async(
+            kwargs={"request": {**request, "run_id": outcome.run_id}, "skip": outcome.position}
+        )
+    return {
+        "status": "finished" if outcome.finished else "continued",
+        "run_id": outcome.run_id,
+        **outcome.counts.as_dict(),
+    }
+
+
+def _without_secrets(request: dict[str, Any]) -> dict[str, Any]:
+    """The request as parked: a catalog URL carries a password and stays out."""
+    source = request.get("source")
+    if isinstance(source, dict) and "catalog_url" in source:
+        return {**request, "source": {**source, "catalog_url": "(left out)"}}
+    return request

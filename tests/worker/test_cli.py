@@ -24,6 +24,8 @@ runner = CliRunner()
         ["similar"],
         ["serve"],
         ["expand"],
+        ["backfill"],
+        ["status"],
         ["bench"],
         ["bench", "similarity"],
     ],
