@@ -1,0 +1,365 @@
+"""Backfills against the real RabbitMQ, Postgres and S3: what is submitted, resumed, counted."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from amqp.method_framing import frame_writer
+from amqp.spec import Basic
+from kombu import Connection, Message, Queue
+from pydantic import SecretStr
+
+from schemas.backfill import BackfillMode, BackfillRequest, JsonlSource, S3Source, SqlSource
+from schemas.events import ModelVersions
+from schemas.settings import Settings
+from tests.schemas.test_events import product_payload
+from tests.worker.catalog import catalog_database
+from worker import backfill
+from worker.backfill import (
+    InvalidBackfill,
+    TaskFrames,
+    TokenBucket,
+    event_id_for,
+    run_backfill,
+    run_failures,
+    run_progress,
+    run_rejects,
+)
+from worker.local import LocalStack
+from worker.stores import objects
+
+CURRENT = ModelVersions(segmentation="seg@1", tagging="tag@1", embedding="emb@1")
+OLD = ModelVersions(segmentation="seg@0", tagging="tag@1", embedding="emb@1")
+
+
+@pytest.fixture
+def settings(stack: LocalStack) -> Iterator[Settings]:
+    """The stack's settings with a database and a backfill queue of this test's own."""
+    queue = f"backfill.test.{uuid.uuid4().hex[:8]}"
+    with catalog_database(stack) as url:
+        yield stack.settings.model_copy(
+            update={"database_url": SecretStr(url), "backfill_queue": queue}
+        )
+    with Connection(stack.settings.broker_url.get_secret_value()) as connection:
+        connection.channel().queue_delete(queue)
+
+
+def write_events(path: Path, events: list[dict[str, Any]], *extra_lines: str) -> Path:
+    path.write_text("".join(json.dumps(event) + "\n" for event in events) + "".join(extra_lines))
+    return path
+
+
+def queued(settings: Settings) -> list[Message]:
+    """Take every message off the backfill queue."""
+    messages = []
+    with Connection(settings.broker_url.get_secret_value()) as connection:
+        queue = Queue(settings.backfill_queue, durable=True)(connection.channel())
+        while (message := queue.get(no_ack=True)) is not None:
+            messages.append(message)
+    return messages
+
+
+def queued_events(settings: Settings) -> list[dict[str, Any]]:
+    events = []
+    for message in queued(settings):
+        _, kwargs, _ = json.loads(message.body)
+        events.append(kwargs["event"])
+    return events
+
+
+def jsonl_request(path: Path, mode: BackfillMode = BackfillMode.ALL, **changes: Any) -> Any:
+    return BackfillRequest(source=JsonlSource(path=path), mode=mode, **changes)
+
+
+def enrich_rows(url: str, rows: list[tuple[str, str, ModelVersions, str | None]]) -> None:
+    """Enrichments as the worker writes them: (product id, status, versions, error kind)."""
+    with psycopg.connect(url) as conn:
+        for product_id, status, versions, kind in rows:
+            conn.execute(
+                "INSERT INTO products (product_id, title) VALUES (%s, 't') ON CONFLICT DO NOTHING",
+                (product_id,),
+            )
+            conn.execute(
+                "INSERT INTO enrichments (event_id, product_id, status, model_versions,"
+                " error_kind, error_reason) VALUES (%s, %s, %s, %s, %s, %s)",
+                (
+                    uuid.uuid4(),
+                    product_id,
+                    status,
+                    versions.model_dump_json(),
+                    kind,
+                    f"{kind} of {product_id}" if kind else None,
+                ),
+            )
+
+
+def test_task_frames_are_the_bytes_py_amqp_writes_for_the_same_message() -> None:
+    headers = {"lang": "py", "task": backfill.TASK_NAME, "retries": 0, "timelimit": [None, None]}
+    frames = TaskFrames(channel_id=3, frame_max=4096, routing_key="q", headers=headers)
+    task_id = str(uuid.uuid4())
+    import amqp
+
+    for body in (b'[[], {"event": {}}, {}]', b"x" * 10_000):
+        written = io.BytesIO()
+        connection = type("Stub", (), {"frame_max": 4096, "bytes_sent": 0})()
+        transport = type("Transport", (), {"write": lambda _, data, out=written: out.write(data)})()
+        message = amqp.Message(
+            body,
+            content_type="application/json",
+            content_encoding="utf-8",
+            application_headers={**headers, "id": task_id, "root_id": task_id},
+            delivery_mode=2,
+            correlation_id=task_id,
+            reply_to="",
+        )
+        args = amqp.serialization.dumps("Bssbb", (0, "", "q", True, False))
+
+        frame_writer(connection, transport)(1, 3, Basic.Publish, args, message)
+
+        assert frames.frames(task_id, body) == written.getvalue()
+
+
+def test_the_token_bucket_sleeps_for_what_goes_past_the_rate() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    bucket = TokenBucket(100, clock=lambda: now[0], sleep=sleep)
+
+    for _ in range(30):
+        bucket.take(10)
+
+    assert sum(slept) == pytest.approx(2.0)
+
+
+def test_submits_every_valid_product_once_and_records_the_invalid_lines(
+    settings: Settings, tmp_path: Path
+) -> None:
+    events = [product_payload(product_id=f"p-{i}") for i in range(5)]
+    source = write_events(
+        tmp_path / "events.jsonl",
+        [*events, events[0]],
+        "not json\n",
+        json.dumps(product_payload(product_id="p-bad", images=[])) + "\n",
+    )
+    request = jsonl_request(source, run_id="run-1", chunk_size=2)
+
+    outcome = run_backfill(request, settings)
+
+    messages = queued(settings)
+    assert outcome.finished
+    assert outcome.counts.submitted == 5
+    assert (outcome.counts.rejected, outcome.counts.read) == (2, 8)
+    assert [m.headers["task"] for m in messages] == [backfill.TASK_NAME] * 5
+    bodies = [json.loads(m.body)[1]["event"] for m in messages]
+    assert sorted(e["product_id"] for e in bodies) == [f"p-{i}" for i in range(5)]
+    for message, event in zip(messages, bodies, strict=True):
+        assert event["event_id"] == str(event_id_for("run-1", event["product_id"]))
+        assert message.headers["id"] == event["event_id"]
+    with psycopg.connect(settings.database_url.get_secret_value()) as conn:
+        rejects = run_rejects(conn, "run-1")
+    assert sorted(group.kind for group in rejects) == ["body", "images"]
+
+
+def test_a_resumed_run_skips_the_products_it_submitted(settings: Settings, tmp_path: Path) -> None:
+    events = [product_payload(product_id=f"p-{i}") for i in range(5)]
+    run_backfill(
+        jsonl_request(write_events(tmp_path / "a.jsonl", events[:3]), run_id="r"), settings
+    )
+    first = queued_events(settings)
+
+    again = run_backfill(
+        jsonl_request(write_events(tmp_path / "a.jsonl", events), run_id="r"), settings
+    )
+
+    second = queued_events(settings)
+    assert [e["product_id"] for e in first] == ["p-0", "p-1", "p-2"]
+    assert [e["product_id"] for e in second] == ["p-3", "p-4"]
+    assert (again.counts.already_submitted, again.counts.submitted) == (3, 2)
+
+
+def test_a_run_id_cannot_be_resumed_with_another_mode(settings: Settings, tmp_path: Path) -> None:
+    source = write_events(tmp_path / "a.jsonl", [product_payload()])
+    run_backfill(jsonl_request(source, run_id="r"), settings)
+
+    with pytest.raises(InvalidBackfill, match="same source and mode"):
+        run_backfill(jsonl_request(source, BackfillMode.MISSING, run_id="r"), settings)
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        (BackfillMode.MISSING, ["p-failed", "p-new"]),
+        (BackfillMode.STALE, ["p-old"]),
+        (BackfillMode.ALL, ["p-current", "p-failed", "p-new", "p-old"]),
+    ],
+)
+def test_the_mode_selects_its_products_and_never_a_deleted_one(
+    settings: Settings, tmp_path: Path, mode: BackfillMode, expected: list[str]
+) -> None:
+    url = settings.database_url.get_secret_value()
+    enrich_rows(
+        url,
+        [
+            ("p-current", "enriched", OLD, None),
+            ("p-current", "enriched", CURRENT, None),
+            ("p-old", "enriched", OLD, None),
+            ("p-failed", "failed", CURRENT, "stage_failed"),
+            ("p-deleted", "enriched", OLD, None),
+        ],
+    )
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO deleted_products (product_id, deleted_at) VALUES ('p-deleted', now())"
+        )
+    ids = ["p-current", "p-old", "p-failed", "p-deleted", "p-new"]
+    source = write_events(tmp_path / "a.jsonl", [product_payload(product_id=i) for i in ids])
+
+    outcome = run_backfill(jsonl_request(source, mode), settings, versions=CURRENT)
+
+    assert sorted(e["product_id"] for e in queued_events(settings)) == expected
+    assert outcome.counts.deleted == 1
+    assert outcome.counts.not_selected == 4 - len(expected)
+
+
+def test_status_counts_done_and_failed_from_the_enrichments_of_the_runs_events(
+    settings: Settings, tmp_path: Path
+) -> None:
+    url = settings.database_url.get_secret_value()
+    events = [product_payload(product_id=f"p-{i}") for i in range(4)]
+    run_backfill(jsonl_request(write_events(tmp_path / "a.jsonl", events), run_id="r"), settings)
+    with psycopg.connect(url) as conn:
+        for product_id, status, kind in [
+            ("p-0", "enriched", None),
+            ("p-1", "failed", "unreadable_image"),
+            ("p-2", "failed", "unreadable_image"),
+        ]:
+            conn.execute("INSERT INTO products (product_id, title) VALUES (%s, 't')", (product_id,))
+            conn.execute(
+                "INSERT INTO enrichments (event_id, product_id, status, model_versions,"
+                " error_kind, error_reason) VALUES (%s, %s, %s, '{}', %s, %s)",
+                (
+                    event_id_for("r", product_id),
+                    product_id,
+                    status,
+                    kind,
+                    "S3 answered NoSuchKey" if kind else None,
+                ),
+            )
+
+    with psycopg.connect(url) as conn:
+        progress = run_progress(conn, "r")
+        failures = run_failures(conn, "r")
+
+    assert progress is not None
+    assert (progress.submitted, progress.done, progress.failed, progress.pending) == (4, 1, 2, 1)
+    assert [(g.kind, g.count, g.reasons) for g in failures] == [
+        ("unreadable_image", 2, [("S3 answered NoSuchKey", 2)])
+    ]
+
+
+def test_a_catalog_query_gives_one_product_event_per_row(settings: Settings) -> None:
+    url = settings.database_url.get_secret_value()
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO products (product_id, title, attributes, image_urls) VALUES"
+            " ('p-1', 'Jeans', '{slim fit}', '{s3://catalog-images/p-1.jpg}'),"
+            " ('p-2', 'Shirt', '{}', '{}')"
+        )
+    query = "SELECT product_id, title, description, attributes, image_urls FROM products"
+    request = BackfillRequest(source=SqlSource(query=query), mode=BackfillMode.ALL)
+
+    outcome = run_backfill(request, settings)
+
+    events = queued_events(settings)
+    assert [(e["product_id"], e["attributes"], e["images"]) for e in events] == [
+        ("p-1", ["slim fit"], [{"url": "s3://catalog-images/p-1.jpg", "role": None}])
+    ]
+    assert outcome.counts.rejected == 1
+
+
+def test_a_catalog_query_without_the_needed_columns_is_refused(settings: Settings) -> None:
+    request = BackfillRequest(source=SqlSource(query="SELECT 1 AS product_id"))
+
+    with pytest.raises(InvalidBackfill, match="missing: title, images or image_urls"):
+        run_backfill(request, settings)
+
+
+def test_jsonl_objects_under_an_s3_prefix_are_read_in_key_order(
+    settings: Settings, stack: LocalStack
+) -> None:
+    client = objects.make_client(settings.s3)
+    objects.ensure_bucket(client, "backfill-sources")
+    prefix = f"exports/{uuid.uuid4().hex[:8]}/"
+    lines = [json.dumps(product_payload(product_id=f"p-{i}")) + "\n" for i in range(3)]
+    client.put_object(Bucket="backfill-sources", Key=prefix + "a.jsonl", Body="".join(lines[:2]))
+    client.put_object(
+        Bucket="backfill-sources", Key=prefix + "b.jsonl.gz", Body=gzip.compress(lines[2].encode())
+    )
+    request = BackfillRequest(
+        source=S3Source(url=f"s3://backfill-sources/{prefix}"), mode=BackfillMode.ALL
+    )
+
+    outcome = run_backfill(request, settings)
+
+    assert [e["product_id"] for e in queued_events(settings)] == ["p-0", "p-1", "p-2"]
+    assert outcome.counts.submitted == 3
+
+
+def test_the_celery_task_submits_in_slices_that_continue_the_run(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import tasks
+
+    monkeypatch.setattr(
+        tasks, "get_settings", lambda: settings.model_copy(update={"backfill_slice_s": 1e-6})
+    )
+    continued: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        tasks.start_backfill, "apply_async", lambda kwargs: continued.append(kwargs)
+    )
+    events = [product_payload(product_id=f"p-{i}") for i in range(3)]
+    request = {
+        "source": {"kind": "jsonl", "path": str(write_events(tmp_path / "a.jsonl", events))},
+        "mode": "all",
+        "chunk_size": 2,
+    }
+
+    first = tasks.start_backfill.apply(kwargs={"request": request}).get()
+    second = tasks.start_backfill.apply(kwargs=continued[0]).get()
+
+    assert (first["status"], first["submitted"]) == ("continued", 2)
+    assert (second["status"], second["submitted"], second["run_id"]) == (
+        "finished",
+        1,
+        first["run_id"],
+    )
+    assert continued[0]["skip"] == 2
+    assert len(queued_events(settings)) == 3
+
+
+def test_the_celery_task_dead_letters_a_request_it_cannot_run(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import tasks
+    from worker.dlq import list_dead_letters
+
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    request = {"source": {"kind": "jsonl", "path": "/nonexistent/events.jsonl"}}
+
+    result = tasks.start_backfill.apply(kwargs={"request": request}).get()
+
+    assert result["status"] == "rejected"
+    letters = [d for d in list_dead_letters(settings, limit=100) if d.kind == "invalid_backfill"]
+    assert "no such file: /nonexistent/events.jsonl" in letters[-1].reason
