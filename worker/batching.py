@@ -41,6 +41,10 @@ BATCHED_METHODS = ("segment", "tag", "embed", "tag_and_embed")
 an array of rows, or a tuple of those."""
 
 _deadline: ContextVar[float | None] = ContextVar("batch_deadline", default=None)
+_tasks_lock = threading.Lock()
+_tasks_running = 0
+"""Tasks inside `time_limit` in this process: once each has its items queued, no batch
+need wait for more."""
 
 
 class BatchTimeout(TransientFault):
@@ -51,12 +55,17 @@ class BatchTimeout(TransientFault):
 def time_limit(seconds: float) -> Iterator[None]:
     """Batch waits inside this block end `seconds` from now with BatchTimeout; so does
     Celery's soft time limit, which only a prefork pool enforces."""
+    global _tasks_running
     token = _deadline.set(time.monotonic() + seconds)
+    with _tasks_lock:
+        _tasks_running += 1
     try:
         yield
     except SoftTimeLimitExceeded as exc:
         raise BatchTimeout(f"the task ran past its time limit of {seconds:g} s") from exc
     finally:
+        with _tasks_lock:
+            _tasks_running -= 1
         _deadline.reset(token)
 
 
@@ -73,6 +82,7 @@ def precision(device: torch.device, *, mixed: bool, cpu_dtype: torch.dtype | Non
 @dataclass
 class _Item:
     value: Any
+    caller: int
     future: Future[Any] = field(default_factory=Future)
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -122,7 +132,8 @@ class Batcher:
 
     def submit(self, values: Sequence[Any]) -> list[Future[Any]]:
         """Queue each value for the next batches; one future per value, in order."""
-        items = [_Item(value) for value in values]
+        caller = threading.get_ident()
+        items = [_Item(value, caller) for value in values]
         with self._ready:
             if self._closed:
                 raise RuntimeError(f"batcher {self.name} is closed")
@@ -148,8 +159,9 @@ class Batcher:
             self._run(batch)
 
     def _next_batch(self) -> list[_Item] | None:
-        """Up to `max_size` items, once that many wait or the oldest has waited long enough;
-        None once closed and drained. Items whose caller gave up are left out."""
+        """Up to `max_size` items, once that many wait, or every running task has queued its
+        items, or the oldest has waited `max_wait_s`; None once closed and drained. Items
+        whose caller gave up are left out."""
         with self._ready:
             while True:
                 while not self._queue and not self._closed:
@@ -158,7 +170,7 @@ class Batcher:
                     return None
 
                 closes_at = self._queue[0].queued_at + self.max_wait_s
-                while len(self._queue) < self.max_size and not self._closed:
+                while not self._full():
                     remaining = closes_at - time.monotonic()
                     if remaining <= 0:
                         break
@@ -168,6 +180,13 @@ class Batcher:
                 batch = [item for item in taken if item.future.set_running_or_notify_cancel()]
                 if batch:
                     return batch
+
+    def _full(self) -> bool:
+        """No reason to wait for more items (called under the condition's lock)."""
+        if self._closed or len(self._queue) >= self.max_size:
+            return True
+        callers = len({item.caller for item in self._queue})
+        return 0 < _tasks_running <= callers
 
     def _run(self, batch: list[_Item]) -> None:
         started = time.monotonic()

@@ -72,6 +72,25 @@ def test_a_lone_item_runs_once_the_wait_is_over() -> None:
     batcher.close()
 
 
+def test_a_batch_runs_without_waiting_once_every_running_task_has_queued_its_items() -> None:
+    recorder = Recorder()
+    batcher = Batcher("double", recorder, max_size=8, max_wait_s=600)
+    done = threading.Event()
+    results: list[Any] = []
+
+    def task() -> None:
+        with time_limit(900):
+            results.append(batcher([1, 2]))
+        done.set()
+
+    threading.Thread(target=task, daemon=True).start()
+    finished = done.wait(timeout=60)
+
+    assert finished, "the lone task's batch waited for callers that cannot come"
+    assert results == [[2, 4]]
+    batcher.close()
+
+
 def test_a_bad_item_fails_only_its_own_caller() -> None:
     recorder = Recorder()
     batcher = Batcher("double", recorder, max_size=4, max_wait_s=0.5)
