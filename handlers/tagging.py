@@ -4,18 +4,25 @@ A tagger is a folder (models/tagger/) with two files:
 
 - `export.pkl`, a fastai `Learner.export()`: the model and the learner's own transforms;
 - `tagger.json`, a `TaggerConfig`: the name, the labels in the model's output order, one
-  threshold per label, and the fastai, torch and python versions at export.
+  threshold per label (and how they were calibrated), the fastai, torch and python versions
+  at export, and the modules that hold the learner's own functions.
+
+An export refers to its custom functions and classes (get_y, label functions, losses,
+metrics) by module and name. Those modules must be importable in the worker; names that a
+notebook or script exported from its `__main__` are looked up in `function_modules`.
 """
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import platform
 import time
 from collections.abc import Sequence
+from functools import reduce
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from types import ModuleType, SimpleNamespace
+from typing import Annotated, Any
 
 import fastai
 import numpy as np
@@ -31,6 +38,7 @@ log = structlog.get_logger(__name__)
 
 EXPORT_FILE = "export.pkl"
 CONFIG_FILE = "tagger.json"
+MODULE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
 
 class ExportVersions(BaseModel):
@@ -49,6 +57,47 @@ class ExportVersions(BaseModel):
         )
 
 
+class F1Figures(BaseModel):
+    micro_f1: float
+    macro_f1: float
+
+
+class LabelCalibration(BaseModel):
+    """One label's calibrated threshold and its F1 on the calibration photos."""
+
+    threshold: float
+    best_threshold: float | None = Field(
+        description="The best-F1 threshold before shrinkage; None when the label had too "
+        "few positives or F1 0 everywhere, and kept the default."
+    )
+    support: int = Field(description="Calibration photos that carry the label.")
+    default_f1: float = Field(description="F1 at the default threshold.")
+    f1: float = Field(description="F1 at `threshold`, on the photos it was chosen on.")
+    held_out_f1: float = Field(description="F1 at thresholds chosen on the other half.")
+
+
+class ThresholdCalibration(BaseModel):
+    """How `thresholds` were chosen: per label, the best F1 on a grid over validation photos,
+    drawn towards the default by `shrinkage` pseudo-photos.
+
+    `after` is measured on the photos the thresholds were chosen on, so it is optimistic;
+    `held_out` chooses thresholds on one half of those photos and scores the other half,
+    both ways round, and pools the predictions.
+    """
+
+    photos: str
+    num_images: int
+    default_threshold: float
+    floor: float
+    grid_step: float
+    min_support: int
+    shrinkage: float
+    before: F1Figures
+    after: F1Figures
+    held_out: F1Figures
+    labels: dict[str, LabelCalibration]
+
+
 class TaggerConfig(BaseModel):
     """tagger.json: labels in the model's output order and a threshold for each label."""
 
@@ -57,6 +106,12 @@ class TaggerConfig(BaseModel):
     thresholds: dict[str, float]
     image_size: int = Field(gt=0)
     versions: ExportVersions
+    function_modules: list[Annotated[str, Field(pattern=MODULE_NAME_PATTERN)]] = Field(
+        default_factory=list,
+        description="Modules imported before unpickling that hold the learner's own functions "
+        "and classes; names pickled from __main__ are looked up in them, in this order.",
+    )
+    calibration: ThresholdCalibration | None = None
 
     @model_validator(mode="after")
     def _one_threshold_per_label(self) -> TaggerConfig:
@@ -89,7 +144,7 @@ class Tagger:
         self.config = TaggerConfig.read(model_dir / CONFIG_FILE)
         _warn_on_version_mismatch(self.config.versions)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self._learner = _load_learner(model_dir / EXPORT_FILE, self.device)
+        self._learner = _load_learner(model_dir, self.config, self.device)
         _check_labels(self._learner, self.config.labels, model_dir)
 
         self.labels = self.config.labels
@@ -172,38 +227,26 @@ class Tagger:
         return Tags(labels=sorted(kept, key=lambda kept_label: -kept_label.score), scores=by_label)
 
 
-class _ExplainingUnpickler(pickle.Unpickler):
-    """Names the class or function an export refers to when this process cannot find it."""
-
-    def find_class(self, module_name: str, global_name: str, /) -> Any:
-        try:
-            return super().find_class(module_name, global_name)
-        except (ImportError, AttributeError) as error:
-            raise ModelLoadError(_missing_global_message(module_name, global_name)) from error
-
-
-# torch.load takes a module-like object with `Unpickler`, `load` and `__name__`.
-_EXPLAINING_PICKLE = SimpleNamespace(
-    __name__="explaining_pickle", Unpickler=_ExplainingUnpickler, load=pickle.load
-)
-
-
-def _load_learner(path: Path, device: torch.device) -> Learner:
+def _load_learner(model_dir: Path, config: TaggerConfig, device: torch.device) -> Learner:
+    path = model_dir / EXPORT_FILE
     if not path.is_file():
         raise ModelLoadError(
             f"tagger export {path} is missing; a tagger folder holds {EXPORT_FILE} "
             f"(fastai Learner.export) and {CONFIG_FILE}"
         )
+    modules = _import_function_modules(config.function_modules, model_dir / CONFIG_FILE)
 
     # Workaround: load_learner swallows most ImportErrors and then fails on an unbound name
-    # (fastai/fastai#4115); _ExplainingUnpickler raises before fastai can hide the cause.
+    # (fastai/fastai#4115); the explaining Unpickler raises before fastai can hide the cause.
+    pickle_module = _explaining_pickle(modules, model_dir / CONFIG_FILE)
     try:
-        learner = load_learner(path, cpu=device.type == "cpu", pickle_module=_EXPLAINING_PICKLE)
+        learner = load_learner(path, cpu=device.type == "cpu", pickle_module=pickle_module)
     except ModelLoadError:
         raise
     except Exception as error:
         raise ModelLoadError(
-            f"cannot unpickle tagger export {path}: {type(error).__name__}: {error}"
+            f"cannot unpickle tagger export {path}: {type(error).__name__}: {error}; "
+            f"{_versions_note(config.versions)}"
         ) from error
 
     learner.dls.to(device)
@@ -211,26 +254,83 @@ def _load_learner(path: Path, device: torch.device) -> Learner:
     return learner
 
 
-def _missing_global_message(module_name: str, global_name: str) -> str:
-    where = (
-        "a notebook's or script's __main__, which only existed in the exporting process"
-        if module_name == "__main__"
-        else f"module {module_name!r}, which this process cannot import or which lacks it"
-    )
+def _import_function_modules(names: Sequence[str], config_path: Path) -> list[ModuleType]:
+    modules = []
+    for name in names:
+        try:
+            modules.append(importlib.import_module(name))
+        # Importing runs the module's code, which can raise anything.
+        except Exception as error:
+            raise ModelLoadError(
+                f"{config_path} lists {name!r} in function_modules, but this process cannot "
+                f"import it ({type(error).__name__}: {error}); install it in the worker's "
+                "environment or put its folder on PYTHONPATH"
+            ) from error
+    return modules
+
+
+def _explaining_pickle(function_modules: Sequence[ModuleType], config_path: Path) -> Any:
+    """A pickle module for torch.load whose Unpickler finds `__main__` names in
+    `function_modules` and names any function or class it cannot find.
+
+    torch.load takes any object with `Unpickler`, `load` and `__name__`.
+    """
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module_name: str, global_name: str, /) -> Any:
+            if module_name == "__main__":
+                found = _find_in_modules(global_name, function_modules)
+                if found is not None:
+                    return found
+            try:
+                return super().find_class(module_name, global_name)
+            except (ImportError, AttributeError) as error:
+                message = _missing_global_message(
+                    module_name, global_name, [m.__name__ for m in function_modules], config_path
+                )
+                raise ModelLoadError(message) from error
+
+    return SimpleNamespace(__name__="explaining_pickle", Unpickler=Unpickler, load=pickle.load)
+
+
+def _find_in_modules(qualified_name: str, modules: Sequence[ModuleType]) -> Any | None:
+    """The first module's attribute of that dotted name, or None when none has it."""
+    for module in modules:
+        try:
+            return reduce(getattr, qualified_name.split("."), module)
+        except AttributeError:
+            continue
+    return None
+
+
+def _missing_global_message(
+    module_name: str, global_name: str, function_modules: Sequence[str], config_path: Path
+) -> str:
+    if module_name == "__main__":
+        where = (
+            "in __main__, the notebook or script that exported the learner, which only "
+            "existed in that process"
+        )
+        if function_modules:
+            where += f", and in function_modules {list(function_modules)}"
+    else:
+        where = f"in module {module_name!r}, which this process cannot import or which lacks it"
     return (
-        f"the tagger export refers to function or class {global_name!r} from {where}. "
-        "Functions and classes a fastai export refers to (get_x, get_y, splitters, "
-        "transforms) must live in an importable module such as handlers.training.tagger, "
-        "not in a notebook's __main__; move it there, train or export again"
+        f"the tagger export refers to function or class {global_name!r}, looked up {where}. "
+        "The functions and classes a fastai export refers to (get_x, get_y, label functions, "
+        "losses, metrics, splitters, transforms) must live in a module that the worker can "
+        f"import and that function_modules in {config_path} lists (names from __main__ are "
+        f"looked up there); put {global_name!r} in such a module, or export again from one, "
+        "as handlers.training.tagger does"
     )
 
 
 def _warn_on_version_mismatch(exported: ExportVersions) -> None:
     installed = ExportVersions.installed()
-    for package in ("fastai", "torch"):
+    for package in ("fastai", "torch", "python"):
         exported_version = getattr(exported, package)
         installed_version = getattr(installed, package)
-        if _release(exported_version) != _release(installed_version):
+        if _release(package, exported_version) != _release(package, installed_version):
             log.warning(
                 "model_version_mismatch",
                 stage=Stage.TAGGING,
@@ -240,9 +340,23 @@ def _warn_on_version_mismatch(exported: ExportVersions) -> None:
             )
 
 
-def _release(version: str) -> str:
-    """The public version without a local build tag: `2.14.1+cu130` gives `2.14.1`."""
-    return version.split("+", 1)[0]
+def _release(package: str, version: str) -> str:
+    """The part of a version that matters to unpickling.
+
+    fastai and torch: the public version without a local build tag (`2.14.1+cu130` gives
+    `2.14.1`). Python: major.minor, which decides the bytecode of functions pickled by value.
+    """
+    public = version.split("+", 1)[0]
+    return ".".join(public.split(".")[:2]) if package == "python" else public
+
+
+def _versions_note(exported: ExportVersions) -> str:
+    installed = ExportVersions.installed()
+    return (
+        f"it was exported with fastai {exported.fastai}, torch {exported.torch}, python "
+        f"{exported.python}, and this process has fastai {installed.fastai}, torch "
+        f"{installed.torch}, python {installed.python}"
+    )
 
 
 def _check_labels(learner: Learner, labels: list[str], model_dir: Path) -> None:

@@ -452,17 +452,38 @@ def train_tagger(
     freeze_epochs: Annotated[int, typer.Option(help="Head-only epochs first.")] = 3,
     image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
     seed: Annotated[int, typer.Option()] = 0,
-    threshold: Annotated[float, typer.Option(help="Score threshold for every label.")] = 0.2,
+    threshold: Annotated[
+        float, typer.Option(help="Every label's threshold before calibration, and its fallback.")
+    ] = 0.2,
+    threshold_floor: Annotated[
+        float, typer.Option(help="No calibrated threshold is lower.")
+    ] = 0.05,
     base_lr: Annotated[float, typer.Option()] = 2e-3,
     lr_mult: Annotated[float, typer.Option()] = 10,
     batch_size: Annotated[int, typer.Option()] = 32,
     min_label_count: Annotated[int, typer.Option(help="Labels on fewer photos are left out.")] = 50,
     threads: Annotated[int, typer.Option(help="torch threads on the CPU.")] = 1,
+    calibrate_only: Annotated[
+        bool,
+        typer.Option(
+            help="Do not train: choose the per-label thresholds of the tagger folder --out "
+            "again on the validation photos, in its tagger.json and MODEL_CARD.md."
+        ),
+    ] = False,
 ) -> None:
-    """Fine-tune the fastai multi-label tagger (EfficientNet-Lite0 backbone) on CCP tags."""
+    """Fine-tune the fastai multi-label tagger (EfficientNet-Lite0 backbone) on CCP tags,
+    then calibrate one threshold per label on the validation photos."""
+    from handlers.training.tagger import calibrate_tagger
     from handlers.training.tagger import train_tagger as train
 
     _setup_logging()
+    if calibrate_only:
+        calibration = calibrate_tagger(
+            out, data, default_threshold=threshold, floor=threshold_floor, batch_size=batch_size
+        )
+        typer.echo(calibration.model_dump_json(indent=2))
+        return
+
     figures = train(
         data,
         out,
@@ -470,6 +491,7 @@ def train_tagger(
         image_size=image_size,
         seed=seed,
         threshold=threshold,
+        threshold_floor=threshold_floor,
         freeze_epochs=freeze_epochs,
         base_lr=base_lr,
         lr_mult=lr_mult,

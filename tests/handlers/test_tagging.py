@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pickle
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 import fastai
 import numpy as np
 import pytest
+import torch
 from fastai.data.block import DataBlock, MultiCategoryBlock
 from fastai.data.transforms import IndexSplitter
 from fastai.learner import Learner
@@ -101,10 +104,16 @@ def test_thresholds_are_read_from_tagger_json(
     assert kept == {label for label, score in tags.scores.items() if score > 0.001} - {"jeans"}
 
 
-def test_a_fastai_version_mismatch_logs_a_warning_naming_both_versions(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("package", "exported_version"),
+    [("fastai", "2.7.0"), ("torch", "2.0.1"), ("python", "3.9.18")],
+)
+def test_a_version_mismatch_logs_a_warning_naming_both_versions(
+    tmp_path: Path, package: str, exported_version: str
+) -> None:
     folder = _copy_of_shipped_tagger(tmp_path)
     config = json.loads((folder / CONFIG_FILE).read_text())
-    config["versions"]["fastai"] = "2.7.0"
+    config["versions"][package] = exported_version
     (folder / CONFIG_FILE).write_text(json.dumps(config))
 
     with capture_logs() as logs:
@@ -112,8 +121,23 @@ def test_a_fastai_version_mismatch_logs_a_warning_naming_both_versions(tmp_path:
 
     (warning,) = [entry for entry in logs if entry["event"] == "model_version_mismatch"]
     assert warning["log_level"] == "warning"
-    assert warning["exported_version"] == "2.7.0"
-    assert warning["installed_version"] == fastai.__version__
+    assert warning["package"] == package
+    assert warning["exported_version"] == exported_version
+    assert warning["installed_version"] == getattr(ExportVersions.installed(), package)
+
+
+def test_a_local_build_tag_or_python_patch_release_is_no_mismatch(tmp_path: Path) -> None:
+    folder = _copy_of_shipped_tagger(tmp_path)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    installed = ExportVersions.installed()
+    config["versions"]["torch"] = installed.torch.split("+")[0] + "+cpu"
+    config["versions"]["python"] = ".".join(installed.python.split(".")[:2]) + ".99"
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+
+    with capture_logs() as logs:
+        Tagger(model_dir=folder, device="cpu")
+
+    assert [entry for entry in logs if entry["event"] == "model_version_mismatch"] == []
 
 
 def test_a_function_missing_from_main_is_a_model_load_error_naming_it(
@@ -131,8 +155,36 @@ def test_a_function_missing_from_main_is_a_model_load_error_naming_it(
 
     message = str(caught.value)
     assert "'notebook_label_func'" in message
-    assert "__main__" in message
-    assert "importable module such as handlers.training.tagger" in message
+    assert "looked up in __main__" in message
+    assert f"function_modules in {tmp_path / CONFIG_FILE}" in message
+
+
+def test_a_function_module_the_worker_cannot_import_is_a_model_load_error_naming_it(
+    tmp_path: Path,
+) -> None:
+    folder = _copy_of_shipped_tagger(tmp_path)
+    config = TaggerConfig.read(folder / CONFIG_FILE)
+    update = {"function_modules": ["shop_notebooks.tagging"]}
+    config.model_copy(update=update).write(folder / CONFIG_FILE)
+
+    with pytest.raises(ModelLoadError) as caught:
+        Tagger(model_dir=folder, device="cpu")
+
+    message = str(caught.value)
+    assert "'shop_notebooks.tagging' in function_modules" in message
+    assert "ModuleNotFoundError" in message
+
+
+def test_function_modules_must_be_dotted_module_names() -> None:
+    with pytest.raises(ValueError, match="function_modules"):
+        TaggerConfig(
+            name="tiny",
+            labels=["a"],
+            thresholds={"a": 0.2},
+            image_size=8,
+            versions=ExportVersions.installed(),
+            function_modules=["notebooks/tagging.py"],
+        )
 
 
 def test_a_removed_module_is_a_model_load_error_naming_the_function_and_module(
@@ -158,8 +210,20 @@ def test_a_corrupt_export_is_a_model_load_error_with_its_cause(tmp_path: Path) -
     with pytest.raises(ModelLoadError) as caught:
         Tagger(model_dir=folder, device="cpu")
 
-    assert "cannot unpickle" in str(caught.value)
+    message = str(caught.value)
+    assert "cannot unpickle" in message
+    assert f"exported with fastai {fastai.__version__}" in message
     assert caught.value.__cause__ is not None
+
+
+def test_an_export_that_is_not_a_learner_is_a_model_load_error(tmp_path: Path) -> None:
+    folder = _copy_of_shipped_tagger(tmp_path)
+    torch.save({"weights": torch.zeros(2)}, folder / EXPORT_FILE)
+
+    with pytest.raises(ModelLoadError) as caught:
+        Tagger(model_dir=folder, device="cpu")
+
+    assert f"cannot unpickle tagger export {folder / EXPORT_FILE}" in str(caught.value)
 
 
 def test_a_folder_without_tagger_json_is_a_model_load_error(tmp_path: Path) -> None:
@@ -222,7 +286,11 @@ def _export_tiny_tagger(
         item_tfms=Resize(8),
     )
     loaders = block.dataloaders(sorted(photos.iterdir()), bs=2, num_workers=0)
-    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    # Body then head, as fastai's vision_learner builds them.
+    body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    model = nn.Sequential(
+        body, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    )
     learner = Learner(loaders, model, loss_func=BCEWithLogitsLossFlat(), path=folder)
 
     if pickle_module is None:
@@ -269,3 +337,85 @@ def test_tag_and_embed_of_no_images_gives_an_empty_d_wide_array(tagger: Tagger) 
 
     assert tags == []
     assert embeddings.shape == (0, tagger.feature_dimension)
+
+
+# A fresh process loads a tagger folder as the worker does, and prints the outcome as JSON.
+LOAD_IN_A_FRESH_PROCESS = """
+import json, sys
+from pathlib import Path
+
+import numpy as np
+
+from handlers.base import ModelLoadError
+from handlers.tagging import Tagger
+
+try:
+    tagger = Tagger(model_dir=Path(sys.argv[1]), device="cpu")
+except ModelLoadError as error:
+    print(json.dumps({"error": str(error)}))
+else:
+    (tags,) = tagger.tag([np.full((8, 8, 3), 200, dtype=np.uint8)])
+    print(json.dumps({"scores": tags.scores}))
+"""
+
+
+@pytest.fixture(scope="module")
+def notebook_exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder tests/handlers/tagger_notebook.py, run as a script, exports into."""
+    out_dir = tmp_path_factory.mktemp("notebook")
+    script = REPO_ROOT / "tests" / "handlers" / "tagger_notebook.py"
+
+    subprocess.run([sys.executable, str(script), str(out_dir)], env=_subprocess_env(), check=True)
+    return out_dir
+
+
+def test_a_notebook_export_by_fastais_default_loads_and_tags_in_a_fresh_process(
+    notebook_exports: Path,
+) -> None:
+    outcome = _load_in_a_fresh_process(notebook_exports / "cloudpickle")
+
+    assert set(outcome["scores"]) == {"dark", "light"}
+
+
+def test_a_notebook_export_by_pickle_fails_in_a_fresh_process_naming_the_function(
+    notebook_exports: Path,
+) -> None:
+    outcome = _load_in_a_fresh_process(notebook_exports / "pickle")
+
+    message = outcome["error"]
+    assert "function or class 'get_y', looked up in __main__" in message
+    assert f"function_modules in {notebook_exports / 'pickle' / CONFIG_FILE}" in message
+    assert "Traceback" not in message
+
+
+def test_a_notebook_export_by_pickle_loads_in_a_fresh_process_from_function_modules(
+    notebook_exports: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "pickle"
+    shutil.copytree(notebook_exports / "pickle", folder)
+    config = TaggerConfig.read(folder / CONFIG_FILE)
+    update = {"function_modules": ["tests.handlers.tagger_notebook"]}
+    config.model_copy(update=update).write(folder / CONFIG_FILE)
+
+    outcome = _load_in_a_fresh_process(folder)
+
+    same_learner = Tagger(model_dir=notebook_exports / "cloudpickle", device="cpu")
+    (tags,) = same_learner.tag([np.full((8, 8, 3), 200, dtype=np.uint8)])
+    assert outcome["scores"] == pytest.approx(tags.scores)
+
+
+def _load_in_a_fresh_process(folder: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(folder)],
+        env=_subprocess_env(),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    outcome: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return outcome
+
+
+def _subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
