@@ -443,8 +443,11 @@ _POOLERS = {
 def _average_per_text(
     vectors: torch.Tensor, weights: torch.Tensor, windows: _Windows
 ) -> torch.Tensor:
-    """Average each text's window vectors (W, D), weighted (W,): (num_texts, D)."""
-    weights = weights.to(vectors.dtype)
+    """Average each text's window vectors (W, D), weighted (W,): (num_texts, D) float32.
+
+    Sums run in float32 whatever the encoder's dtype (float16 under autocast on CUDA).
+    """
+    vectors, weights = vectors.float(), weights.float()
     summed = torch.zeros(windows.num_texts, vectors.shape[1], device=vectors.device)
     summed.index_add_(0, windows.text_index, vectors * weights.unsqueeze(-1))
     totals = torch.zeros(windows.num_texts, device=vectors.device)
