@@ -24,6 +24,7 @@ class EventType(StrEnum):
     PRODUCT_CREATED = "product.created"
     PRODUCT_ENRICHED = "product.enriched"
     PRODUCT_ENRICHMENT_FAILED = "product.enrichment_failed"
+    PRODUCT_DELETED = "product.deleted"
 
 
 class ImageRole(StrEnum):
@@ -73,6 +74,23 @@ class ProductCreated(BaseModel):
         default_factory=list, max_length=200
     )
     images: list[ProductImage] = Field(min_length=1, max_length=20)
+
+
+class ProductDeleted(BaseModel):
+    """The catalog removed a product. Published by the catalog with routing key
+    `product.deleted`; the worker deletes the product's rows and masks and keeps a tombstone,
+    so that a product-created event older than `occurred_at` does not bring it back.
+
+    Unknown fields are ignored, as in ProductCreated.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: UUID
+    event_type: Literal[EventType.PRODUCT_DELETED]
+    schema_version: Literal[1]
+    occurred_at: datetime
+    product_id: str = Field(pattern=PRODUCT_ID_PATTERN)
 
 
 class MaskResult(BaseModel):

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.events import EnrichmentCompleted, ProductCreated
+from schemas.events import EnrichmentCompleted, ProductCreated, ProductDeleted
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 
 SCHEMA_FILES: dict[str, type[BaseModel]] = {
     "product_created.v1.schema.json": ProductCreated,
     "enrichment_completed.v1.schema.json": EnrichmentCompleted,
+    "product_deleted.v1.schema.json": ProductDeleted,
 }
 
 

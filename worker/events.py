@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from kombu import Connection, Exchange, Producer, Queue
+from kombu import Connection, Exchange, Producer, Queue, binding
 
 from schemas.events import EventType
 from schemas.settings import Settings
@@ -20,11 +20,15 @@ def catalog_exchange(settings: Settings) -> Exchange:
     return Exchange(settings.exchange, type="topic", durable=True)
 
 
+INTAKE_ROUTING_KEYS = (EventType.PRODUCT_CREATED, EventType.PRODUCT_DELETED)
+"""The events the intake queue is bound to; the intake tells them apart by `event_type`."""
+
+
 def intake_queue(settings: Settings) -> Queue:
+    exchange = catalog_exchange(settings)
     return Queue(
         settings.intake_queue,
-        catalog_exchange(settings),
-        routing_key=str(EventType.PRODUCT_CREATED),
+        bindings=[binding(exchange, routing_key=str(key)) for key in INTAKE_ROUTING_KEYS],
         durable=True,
     )
 

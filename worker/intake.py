@@ -1,14 +1,15 @@
-"""Event intake: plain JSON product-created events in, Celery enrichment work out.
+"""Event intake: plain JSON product events in, Celery work out.
 
 A consumer step inside the Celery worker's own consumer reads the worker's durable queue on
-the catalog exchange. A valid event becomes an `enrich_product` task; anything else goes to
-the dead-letter queue with its reason. The message is acknowledged only after either.
+the catalog exchange. A valid product-created event becomes an `enrich_product` task, a valid
+product-deleted event a `delete_product` task (told apart by `event_type`); anything else goes
+to the dead-letter queue with its reason. The message is acknowledged only after either.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from celery import bootsteps
@@ -16,7 +17,7 @@ from kombu import Consumer, Message
 from kombu.transport.base import StdChannel
 from pydantic import ValidationError
 
-from schemas.events import ProductCreated
+from schemas.events import EventType, ProductCreated, ProductDeleted
 from schemas.settings import get_settings
 from worker import metrics
 from worker.errors import InvalidEvent
@@ -31,19 +32,36 @@ class _Missing:
 
 
 _MISSING = _Missing()
+_Event = TypeVar("_Event", ProductCreated, ProductDeleted)
 
 
 def parse_event(body: bytes | str) -> ProductCreated:
-    """Validate one message body; InvalidEvent names the first offending field."""
+    """Validate one product-created body; InvalidEvent names the first offending field."""
+    return _validate(ProductCreated, _json_object(body))
+
+
+def parse_intake_event(body: bytes | str) -> ProductCreated | ProductDeleted:
+    """Validate one intake message: a product-deleted event when `event_type` says so, else
+    a product-created event (whose errors name the field, as `parse_event`'s do)."""
+    payload = _json_object(body)
+    if payload.get("event_type") == EventType.PRODUCT_DELETED:
+        return _validate(ProductDeleted, payload)
+    return _validate(ProductCreated, payload)
+
+
+def _json_object(body: bytes | str) -> dict[str, Any]:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidEvent("body", body, f"a JSON object ({exc})") from exc
     if not isinstance(payload, dict):
         raise InvalidEvent("body", payload, "a JSON object")
+    return payload
 
+
+def _validate(model: type[_Event], payload: dict[str, Any]) -> _Event:
     try:
-        return ProductCreated.model_validate(payload)
+        return model.model_validate(payload)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         field = ".".join(str(part) for part in error["loc"]) or "body"
@@ -59,15 +77,16 @@ class IntakeStep(bootsteps.ConsumerStep):
         return [Consumer(channel, queues=[queue], on_message=self.on_message, prefetch_count=10)]
 
     def on_message(self, message: Message) -> None:
-        from worker.tasks import enrich_product
+        from worker.tasks import delete_product, enrich_product
 
         try:
-            event = parse_event(message.body)
+            event = parse_intake_event(message.body)
         except InvalidEvent as exc:
             self._reject(message, exc)
             return
 
-        enrich_product.apply_async(
+        task = delete_product if isinstance(event, ProductDeleted) else enrich_product
+        task.apply_async(
             kwargs={"event": event.model_dump(mode="json")}, task_id=str(event.event_id)
         )
         log.debug("event_accepted", event_id=str(event.event_id), product_id=event.product_id)

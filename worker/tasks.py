@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from handlers.base import ModelLoadError, StageError
 from handlers.segmentation import resolve_device
-from schemas.events import ProductCreated
+from schemas.events import ProductCreated, ProductDeleted
 from schemas.settings import RETRY_COUNTDOWN_MAX_S, get_settings
 from worker import batching, metrics
 from worker.app import app
@@ -22,7 +22,7 @@ from worker.enrichment import Enrichment, Resources, commit, enrich, failed
 from worker.errors import InvalidEvent, TransientFault, UnreadableImage
 from worker.events import dead_letter
 from worker.models import get_models
-from worker.stores import database, objects
+from worker.stores import database, deletion, objects
 from worker.stores.images import ImageFetcher
 
 log = structlog.get_logger(__name__)
@@ -32,6 +32,7 @@ MAX_STARTS = MAX_RETRIES + 3
 """Retries plus redeliveries after a lost worker; past this the event is dead-lettered."""
 _lock = threading.Lock()
 _resources: Resources | None = None
+_deletion_s3: objects.S3Client | None = None
 
 
 def process_resources() -> Resources:
@@ -88,11 +89,15 @@ def enrich_product(self: Task, event: dict[str, Any]) -> str:
         with batching.time_limit(resources.settings.batch.task_time_limit_s):
             with resources.database() as conn:
                 starts = database.count_attempt(conn, product.event_id)
+                deletion.admit_created(conn, product)
             if starts > MAX_STARTS:
                 return _abandon(product, resources, f"started {starts} times without finishing")
             enrichment = _outcome(product, resources)
             with app.producer_or_acquire() as producer:
-                written = commit(enrichment, resources, producer)
+                written = _commit_unless_deleted(enrichment, resources, producer)
+    except deletion.ProductIsDeleted as exc:
+        log.info("enrichment_skipped", reason=str(exc), outcome="skipped")
+        return "skipped"
     except TransientFault as exc:
         if self.request.retries >= MAX_RETRIES:
             return _abandon(
@@ -115,6 +120,18 @@ def enrich_product(self: Task, event: dict[str, Any]) -> str:
         task_ms=round((time.perf_counter() - started) * 1000, 1),
     )
     return str(completed.status)
+
+
+def _commit_unless_deleted(enrichment: Enrichment, resources: Resources, producer: Any) -> bool:
+    """commit(), unless the product was deleted while it was enriched: then the masks this
+    enrichment wrote go too, and ProductIsDeleted propagates."""
+    try:
+        with deletion.refused_when_deleted(enrichment.rows.product.product_id):
+            return commit(enrichment, resources, producer)
+    except deletion.ProductIsDeleted:
+        uris = [mask.uri for image in enrichment.completed.images for mask in image.masks]
+        deletion.delete_mask_uris(resources.s3_client, uris)
+        raise
 
 
 def _outcome(product: ProductCreated, resources: Resources) -> Enrichment:
@@ -171,6 +188,64 @@ def _dead_letter(product: ProductCreated, *, kind: str, reason: str) -> None:
             reason=reason,
             routing_key=str(product.event_type),
         )
+
+
+@app.task(bind=True, name="enrichment.delete_product", max_retries=MAX_RETRIES)
+def delete_product(self: Task, event: dict[str, Any]) -> str:
+    """Delete a product's rows and masks and keep its tombstone (worker/stores/deletion.py).
+
+    Safe to run twice: a redelivered event, or one for an unknown product, deletes nothing
+    and leaves the tombstone. It loads no model.
+    """
+    try:
+        deleted = ProductDeleted.model_validate(event)
+    except ValidationError as exc:
+        raise InvalidEvent("event", event, str(exc)) from exc
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(
+        event_id=str(deleted.event_id), product_id=deleted.product_id, task_id=self.request.id
+    )
+
+    settings = get_settings()
+    try:
+        done = deletion.delete_product(
+            deleted,
+            database_url=settings.database_url.get_secret_value(),
+            client=_deletion_client(),
+            bucket=settings.s3.mask_bucket,
+        )
+    except TransientFault as exc:
+        if self.request.retries >= MAX_RETRIES:
+            reason = f"{exc} (still failing after {MAX_RETRIES} retries)"
+            with app.producer_or_acquire() as producer:
+                dead_letter(
+                    producer,
+                    settings,
+                    deleted.model_dump_json().encode(),
+                    kind="abandoned",
+                    reason=reason,
+                    routing_key=str(deleted.event_type),
+                )
+            log.error("deletion_abandoned", reason=reason, outcome="dead_lettered")
+            return "abandoned"
+        log.warning("deletion_retried", reason=str(exc), attempt=self.request.retries + 1)
+        raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc
+
+    log.info("product_deleted", masks=done.masks, rows=done.rows)
+    return "deleted"
+
+
+def _deletion_client() -> objects.S3Client:
+    """The process's S3 client; deletions do not wait for the models to load."""
+    global _deletion_s3
+    with _lock:
+        if _resources is not None:
+            return _resources.s3_client
+        if _deletion_s3 is None:
+            settings = get_settings()
+            _deletion_s3 = objects.make_client(settings.s3)
+            objects.ensure_bucket(_deletion_s3, settings.s3.mask_bucket)
+        return _deletion_s3
 
 
 @app.task(bind=True, name="enrichment.start_backfill", max_retries=MAX_RETRIES)
