@@ -540,9 +540,9 @@ def thresholds_section(calibration: ThresholdCalibration) -> list[str]:
         f"{calibration.photos}: the threshold on a {calibration.grid_step} grid from "
         f"{calibration.floor} to 0.99 with the best F1 (the middle one of equals), then drawn "
         f"towards {default} as if {calibration.shrinkage:g} more photos had chosen {default} "
-        "(a label with few positives moves little). A label on fewer than "
-        f"{calibration.min_support} of the photos, or with F1 0 at every threshold, keeps "
-        f"{default}; {len(fallbacks)} did{kept}. The thresholds range from {min(values):.2f} "
+        f"(a label with few positives moves little). A label on {_fewer_than(calibration)}, "
+        f"or with F1 0 at every threshold, keeps {default}; {len(fallbacks)} did{kept}. "
+        f"The thresholds range from {min(values):.2f} "
         f"to {max(values):.2f}. Made by `enrich train tagger` after training, and again on "
         "an existing folder by `enrich train tagger --calibrate-only`.",
         "",
@@ -566,6 +566,12 @@ def thresholds_section(calibration: ThresholdCalibration) -> list[str]:
         *rows,
         "",
     ]
+
+
+def _fewer_than(calibration: ThresholdCalibration) -> str:
+    if calibration.min_support <= 1:
+        return "none of the photos"
+    return f"fewer than {calibration.min_support} of the photos"
 
 
 def _grid_value(threshold: float | None) -> str:
