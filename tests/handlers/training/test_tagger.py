@@ -5,8 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from handlers.tagging import CONFIG_FILE, Tagger, TaggerConfig
+from handlers.tagging import CONFIG_FILE, ExportVersions, Tagger, TaggerConfig
 from handlers.training.ccp import load_label_names
 from handlers.training.tagger import (
     DEFAULT_THRESHOLD,
@@ -21,6 +22,7 @@ from handlers.training.tagger import (
     label_priors,
     main,
     replace_section,
+    train_tagger,
 )
 from schemas.settings import REPO_ROOT
 
@@ -172,3 +174,34 @@ def test_calibrate_only_writes_per_label_thresholds_and_figures_into_a_tagger_fo
     tagger = Tagger(model_dir=folder, device="cpu")
     assert tagger.thresholds == config.thresholds
     assert tagger.model_version != version_before
+
+
+def test_training_records_the_versions_and_calibrates_the_thresholds_after_training(
+    tmp_path: Path, datasets: Path
+) -> None:
+    threads = torch.get_num_threads()
+
+    try:
+        report = train_tagger(
+            datasets / "ccp",
+            tmp_path,
+            epochs=1,
+            freeze_epochs=1,
+            image_size=64,
+            seed=0,
+            batch_size=8,
+            min_label_count=5,
+            max_images=40,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+    config = TaggerConfig.read(tmp_path / CONFIG_FILE)
+    assert config.versions == ExportVersions.installed()
+    assert config.calibration is not None
+    assert config.calibration.model_dump() == report["calibration"]
+    assert config.thresholds == {
+        label: calibrated.threshold for label, calibrated in config.calibration.labels.items()
+    }
+    card = (tmp_path / MODEL_CARD_FILE).read_text()
+    assert card.index("## Validation") < card.index("## Thresholds") < card.index("## Limit")
