@@ -85,6 +85,52 @@ def test_killing_pool_processes_mid_run_loses_and_duplicates_nothing(
     assert enrichments_of(stack, events) == Counter({"enriched": EVENTS})
 
 
+THREADS_EVENTS = 32
+
+
+def test_killing_a_threads_pool_worker_mid_run_loses_and_duplicates_nothing(
+    stack: LocalStack, datasets: Path, tmp_path: Path
+) -> None:
+    """Under `--pool threads` the tasks run in the worker process itself: SIGKILL takes all of
+    its batches at once, RabbitMQ hands their messages back when the connection drops, and
+    a second worker finishes them. Rows are written once; a completion event that a relay
+    had sent but not yet marked sent goes out again, with its own event_id (the outbox's
+    at-least-once promise), and never as a second, different completion."""
+    photos = validation_photos(datasets, 24)
+    events = events_for(stack, [photos[i % len(photos)] for i in range(THREADS_EVENTS)])
+
+    with CompletionListener(stack.settings) as listener:
+        with worker_process(stack, tmp_path / "first.log", pool="threads", concurrency=8) as first:
+            publish(stack, events)
+            listener.wait_until(
+                lambda got: len(completions_per_event(listener, events)) >= 8, timeout_s=600
+            )
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        before_second = len(completions_per_event(listener, events))
+        with worker_process(stack, tmp_path / "second.log", pool="threads", concurrency=8):
+            listener.wait_until(
+                lambda got: len(completions_per_event(listener, events)) >= THREADS_EVENTS,
+                timeout_s=900,
+            )
+            listener.wait_until(lambda got: False, timeout_s=5)  # a duplicate would arrive now
+
+    per_event = completions_per_event(listener, events)
+    completion_ids: dict[str, set[str]] = {}
+    for completion in listener.received:
+        completion_ids.setdefault(completion["causation_id"], set()).add(completion["event_id"])
+    print(
+        f"events={THREADS_EVENTS} before_kill={before_second} "
+        f"completions={sum(per_event.values())} missing={THREADS_EVENTS - len(per_event)} "
+        f"repeated={sum(n > 1 for n in per_event.values())}"
+    )
+    assert first.returncode == -signal.SIGKILL
+    assert before_second < THREADS_EVENTS, "the kill came after the run"
+    assert len(per_event) == THREADS_EVENTS
+    assert all(len(completion_ids[event["event_id"]]) == 1 for event in events)
+    assert enrichments_of(stack, events) == Counter({"enriched": THREADS_EVENTS})
+
+
 def enrich_through_an_outage(
     stack: LocalStack, events: list[dict[str, Any]], log_file: Path, server: Server, pause_s: float
 ) -> Counter[str]:
