@@ -37,6 +37,8 @@ class Segmenter(Protocol):
 
     model_version: str
     classes: list[str]
+    score_threshold: float
+    """Instances scoring below this are dropped."""
 
     def segment(self, images: Sequence[RGBImage]) -> list[Segmentation]:
         """One `Segmentation` per image, in order; the batch runs as one forward pass."""

@@ -403,6 +403,64 @@ def bench_similarity(
     raise typer.Exit(print_bench(config, database_url, as_json=as_json))
 
 
+@app.command("eval")
+def evaluate(
+    data: Annotated[Path, typer.Option(help="The CCP dataset folder.")] = DEFAULT_CCP,
+    coco: Annotated[
+        Path | None, typer.Option(help="A COCO instance-segmentation file, instead of CCP.")
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="The COCO file's image folder.")] = None,
+    split: Annotated[
+        str, typer.Option(help="validation (held out from training) or all.")
+    ] = "validation",
+    limit: Annotated[int | None, typer.Option(help="At most this many photos per set.")] = None,
+    product_photos: Annotated[
+        Path | None, typer.Option(help="Product photos, one folder per label.")
+    ] = DEFAULT_CCP.parent / "clothing-small" / "validation",
+    products: Annotated[
+        Path | None, typer.Option(help="JSON lines of products with title, ... and label.")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="Nearest neighbours per product.")] = 5,
+    threads: Annotated[int | None, typer.Option(help="torch threads on the CPU.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Measure the worker's models on labelled photos: mask AP50 and IoU, tag F1, neighbours."""
+    from worker.evaluate import (
+        EvaluationInputError,
+        EvaluationOptions,
+        Split,
+        format_table,
+        run_evaluation,
+        to_json,
+    )
+
+    if split not in set(Split):
+        typer.echo(f"--split must be one of {', '.join(Split)}, got {split[:40]!r}", err=True)
+        raise typer.Exit(2)
+
+    _setup_logging()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    options = EvaluationOptions(
+        data=data,
+        coco=coco,
+        images=images,
+        product_photos=product_photos,
+        products=products,
+        split=Split(split),
+        limit=limit,
+        k=k,
+    )
+    try:
+        document = run_evaluation(get_settings(), options)
+    except EvaluationInputError as exc:
+        typer.echo(f"cannot evaluate: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(to_json(document) if as_json else format_table(document))
+
+
 @train_app.command("segmenter")
 def train_segmenter(
     data: Annotated[Path, typer.Option(help="The CCP dataset folder.")] = DEFAULT_CCP,

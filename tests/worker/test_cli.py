@@ -19,6 +19,7 @@ runner = CliRunner()
         ["schemas"],
         ["train", "segmenter"],
         ["train", "tagger"],
+        ["eval"],
         ["dlq", "list"],
         ["dlq", "replay"],
         ["similar"],
