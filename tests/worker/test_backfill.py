@@ -363,3 +363,51 @@ def test_the_celery_task_dead_letters_a_request_it_cannot_run(
     assert result["status"] == "rejected"
     letters = [d for d in list_dead_letters(settings, limit=100) if d.kind == "invalid_backfill"]
     assert "no such file: /nonexistent/events.jsonl" in letters[-1].reason
+
+
+@pytest.mark.slow
+def test_current_model_versions_are_the_loaded_models_versions(stack: LocalStack) -> None:
+    from worker.models import current_model_versions, load_models
+
+    computed = current_model_versions(stack.settings.models)
+
+    assert computed == load_models(stack.settings.models).versions
+
+
+@pytest.mark.slow
+def test_a_worker_enriches_a_backfill_and_status_shows_it_done(
+    stack: LocalStack,
+    datasets: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.worker.running import events_for, validation_photos, wait_until
+    from worker.backfill import print_status
+    from worker.local import worker_process
+    from worker.models import current_model_versions
+
+    settings = stack.settings
+    events = events_for(stack, validation_photos(datasets, 3))
+    source = write_events(tmp_path / "catalog.jsonl", events, "{}\n")
+    url = settings.database_url.get_secret_value()
+
+    def progress() -> Any:
+        with psycopg.connect(url) as conn:
+            return run_progress(conn, "e2e")
+
+    with worker_process(stack, tmp_path / "worker.log"):
+        run_backfill(jsonl_request(source, BackfillMode.MISSING, run_id="e2e"), settings)
+        finished = wait_until(lambda: progress().pending == 0, timeout_s=600, every_s=2)
+    capsys.readouterr()
+    print_status(settings, "e2e", as_json=True)
+    status = json.loads(capsys.readouterr().out)
+    stale = run_backfill(
+        jsonl_request(source, BackfillMode.STALE, run_id="e2e-stale"),
+        settings,
+        versions=current_model_versions(settings.models),
+    )
+
+    assert finished, (tmp_path / "worker.log").read_text()[-3000:]
+    assert (status["run"]["submitted"], status["run"]["done"]) == (3, 3)
+    assert status["rejects"][0]["kind"] == "event_id"
+    assert (stale.counts.submitted, stale.counts.not_selected) == (0, 3)
