@@ -96,10 +96,21 @@ class SegmentationReport(MaskFigures):
     ap_score_threshold: float
 
 
+class TaggingReport(EvaluationReport):
+    """F1 at the tagger's thresholds; `thresholds_chosen_on` and `held_out` come from the
+    tagger's calibration, if any: where its photos are the ones scored here, F1 flatters
+    the thresholds, and `held_out` (chosen on one half, scored on the other) is the figure
+    to expect."""
+
+    split: str
+    thresholds_chosen_on: str | None
+    held_out: dict[str, float] | None
+
+
 class EvaluationDocument(TypedDict):
     model_versions: dict[str, str]
     segmentation: SegmentationReport
-    tagging: EvaluationReport | Skipped
+    tagging: TaggingReport | Skipped
     image_embedding: dict[str, Any]
     text_embedding: dict[str, Any]
     seconds: float
@@ -420,7 +431,7 @@ def _read_photo(path: Path, max_pixels: int) -> RGBImage:
 # --- Tagging -----------------------------------------------------------------------------
 
 
-def _evaluate_tagging(models: Models, options: EvaluationOptions) -> EvaluationReport | Skipped:
+def _evaluate_tagging(models: Models, options: EvaluationOptions) -> TaggingReport | Skipped:
     """F1 on CCP's image-level tagged photos, validation split unless `split` is all."""
     try:
         ids = ccp.image_annotated_ids(options.data)
@@ -438,7 +449,13 @@ def _evaluate_tagging(models: Models, options: EvaluationOptions) -> EvaluationR
         macro_f1=report["macro_f1"],
         seconds=round(time.perf_counter() - started, 1),
     )
-    return report
+    calibration = models.tagger.config.calibration
+    return TaggingReport(
+        **report,
+        split=options.split,
+        thresholds_chosen_on=calibration.photos if calibration else None,
+        held_out=calibration.held_out.model_dump() if calibration else None,
+    )
 
 
 # --- Embeddings --------------------------------------------------------------------------
@@ -584,12 +601,19 @@ def format_table(document: EvaluationDocument) -> str:
     return "\n".join(lines)
 
 
-def _tagging_lines(tagging: EvaluationReport | Skipped) -> list[str]:
+def _tagging_lines(tagging: TaggingReport | Skipped) -> list[str]:
     if "micro_f1" not in tagging:
         return [f"tagging: not measured: {tagging['reason']}"]
+    calibrated = (
+        f"  thresholds chosen on {tagging['thresholds_chosen_on']}; chosen on one half and "
+        f"scored on the other: {tagging['held_out']}"
+        if tagging["thresholds_chosen_on"]
+        else "  thresholds not calibrated"
+    )
     return [
-        f"tagging on {tagging['num_images']} photos: micro F1 {tagging['micro_f1']}, "
-        f"macro F1 {tagging['macro_f1']}",
+        f"tagging on {tagging['num_images']} photos ({tagging['split']}): micro F1 "
+        f"{tagging['micro_f1']}, macro F1 {tagging['macro_f1']}",
+        calibrated,
         f"  {'label':<12} {'support':>7} {'F1':>7} {'threshold':>9}",
         *(
             f"  {label:<12} {s['support']:>7} {_cell(s['f1'])} {tagging['thresholds'][label]:>9}"

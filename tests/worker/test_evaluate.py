@@ -100,6 +100,14 @@ def test_eval_names_the_models_it_measured(document: dict[str, Any]) -> None:
     assert set(document["tagging"]["thresholds"]) == set(document["tagging"]["per_label"])
 
 
+def test_eval_says_where_the_tagger_thresholds_were_chosen(document: dict[str, Any]) -> None:
+    tagging = document["tagging"]
+
+    assert tagging["split"] == "validation"
+    if tagging["thresholds_chosen_on"] is not None:
+        assert set(tagging["held_out"]) == {"micro_f1", "macro_f1"}
+
+
 def test_eval_ranks_instances_below_the_worker_threshold_for_ap(document: dict[str, Any]) -> None:
     segmentation = document["segmentation"]
 
