@@ -365,6 +365,36 @@ def test_the_celery_task_dead_letters_a_request_it_cannot_run(
     assert "no such file: /nonexistent/events.jsonl" in letters[-1].reason
 
 
+def test_the_commands_submit_with_a_progress_bar_and_show_the_run(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from schemas.settings import get_settings
+    from worker.cli import app
+
+    monkeypatch.setenv("ENRICH_DATABASE_URL", settings.database_url.get_secret_value())
+    monkeypatch.setenv("ENRICH_BACKFILL_QUEUE", settings.backfill_queue)
+    get_settings.cache_clear()
+    events = [product_payload(product_id=f"p-{i}") for i in range(2)]
+    source = write_events(tmp_path / "a.jsonl", events, "[]\n")
+    runner = CliRunner()
+
+    submitted = runner.invoke(
+        app, ["backfill", "--from-jsonl", str(source), "--all", "--run-id", "cli", "--no-wait"]
+    )
+    shown = runner.invoke(app, ["status", "--run", "cli"])
+    listed = runner.invoke(app, ["status", "--json"])
+    get_settings.cache_clear()
+
+    assert submitted.exit_code == 0, submitted.output
+    assert "submitted 2 products in" in submitted.output
+    assert "submitted 2  done 0  failed 0  pending 2" in shown.output
+    assert "body: 1" in shown.output
+    assert [run["run_id"] for run in json.loads(listed.output)["runs"]] == ["cli"]
+    assert len(queued(settings)) == 2
+
+
 @pytest.mark.slow
 def test_current_model_versions_are_the_loaded_models_versions(stack: LocalStack) -> None:
     from worker.models import current_model_versions, load_models
