@@ -604,9 +604,11 @@ def format_table(document: EvaluationDocument) -> str:
 def _tagging_lines(tagging: TaggingReport | Skipped) -> list[str]:
     if "micro_f1" not in tagging:
         return [f"tagging: not measured: {tagging['reason']}"]
+    held_out = tagging["held_out"] or {}
     calibrated = (
         f"  thresholds chosen on {tagging['thresholds_chosen_on']}; chosen on one half and "
-        f"scored on the other: {tagging['held_out']}"
+        f"scored on the other: micro F1 {held_out.get('micro_f1')}, macro F1 "
+        f"{held_out.get('macro_f1')}"
         if tagging["thresholds_chosen_on"]
         else "  thresholds not calibrated"
     )
