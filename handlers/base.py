@@ -71,10 +71,11 @@ def model_version(name: str, folder: Path) -> str:
     """Name a model by its name and a hash of its files: `name@0123456789ab`.
 
     The hash covers every file's relative path and bytes, so that any change to weights,
-    configuration or thresholds gives a new version.
+    configuration or thresholds gives a new version. Documentation (`*.md`, such as the
+    model card) is left out: rewording a card must not make the catalog stale.
     """
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".md"):
         digest.update(path.relative_to(folder).as_posix().encode())
         with path.open("rb") as stream:
             for block in iter(lambda: stream.read(1 << 20), b""):
