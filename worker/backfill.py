@@ -444,7 +444,6 @@ class BackfillOutcome:
 
 @dataclass
 class _Chunk:
-    records: list[Record]
     events: dict[str, ProductCreated] = field(default_factory=dict)
     rejects: list[tuple[str, str, str, str]] = field(default_factory=list)
     """(position, field, value, allowed) of each record that is no valid event."""
@@ -475,6 +474,37 @@ def run_backfill(
     counts, position = PassCounts(), skip
     bucket = TokenBucket(request.rate) if request.rate else None
 
+    try:
+        return _run_pass(
+            request,
+            settings,
+            run_id,
+            versions,
+            records,
+            counts,
+            position,
+            bucket,
+            on_chunk,
+            deadline,
+            started,
+        )
+    except psycopg.OperationalError as exc:
+        raise TransientFault(f"the enrichment database failed during the backfill: {exc}") from exc
+
+
+def _run_pass(
+    request: BackfillRequest,
+    settings: Settings,
+    run_id: str,
+    versions: ModelVersions | None,
+    records: Iterator[Record],
+    counts: PassCounts,
+    position: int,
+    bucket: TokenBucket | None,
+    on_chunk: Callable[[BackfillOutcome], None] | None,
+    deadline: float | None,
+    started: float,
+) -> BackfillOutcome:
     with _connect(settings) as conn, _publisher(settings, run_id) as publisher:
         _open_run(conn, run_id, request, versions)
         # One chunk stays in flight: RabbitMQ confirms it while the next one is prepared.
@@ -627,7 +657,7 @@ def _open_run(
 def _validate(batch: list[Record], counts: PassCounts, in_flight: set[str]) -> _Chunk:
     """Valid events keyed by product (the first of a product's events wins); the rest as
     (position, field, reason) rejects."""
-    chunk = _Chunk(records=batch)
+    chunk = _Chunk()
     for record in batch:
         counts.read += 1
         try:
