@@ -98,8 +98,8 @@ class BenchResult:
     clusters: int
     k: int
     model_version: str
-    load_seconds: float
-    index_build_seconds: float
+    load_seconds: float | None
+    index_build_seconds: float | None
     table_bytes: int
     index_bytes: int
     unfiltered: QueryFigures
@@ -130,20 +130,37 @@ def configured_dimension(settings: Settings) -> int:
         ) from error
 
 
-def run_bench(config: BenchConfig, database_url: str | None = None) -> BenchResult:
-    """Load, index and query a fresh database; on `database_url`'s server or a local one."""
+def run_bench(
+    config: BenchConfig, database_url: str | None = None, *, reuse: bool = False
+) -> BenchResult:
+    """Load, index and query a fresh database; on `database_url`'s server or a local one.
+
+    With `reuse`, `database_url` is a bench database loaded and indexed before (by a run that
+    was interrupted, say): only the queries are measured, and the load and build times are
+    None.
+    """
     if not NUM_LABELS * config.k <= config.rows < 10**8:
         raise ValueError(
             f"rows must be between {NUM_LABELS * config.k} (so that the 1% filter keeps k rows)"
             f" and 99,999,999 (product ids have 8 digits), got {config.rows}"
         )
 
-    with _bench_database(database_url) as url, _connect(url) as conn:
-        load_seconds = _timed(lambda: load_catalog(conn, config))
-        log.info("bench_catalog_loaded", rows=config.rows, seconds=round(load_seconds, 1))
+    if not reuse:
+        databases = _bench_database(database_url)
+    elif database_url is not None:
+        databases = _reused_database(database_url, config)
+    else:
+        raise ValueError("--reuse needs --database-url: the bench database to measure again")
 
-        index_seconds = _timed(lambda: build_index(conn, config))
-        log.info("bench_index_built", rows=config.rows, seconds=round(index_seconds, 1))
+    with databases as url, _connect(url) as conn:
+        load_seconds: float | None = None
+        index_seconds: float | None = None
+        if not reuse:
+            load_seconds = _timed(lambda: load_catalog(conn, config))
+            log.info("bench_catalog_loaded", rows=config.rows, seconds=round(load_seconds, 1))
+
+            index_seconds = _timed(lambda: build_index(conn, config))
+            log.info("bench_index_built", rows=config.rows, seconds=round(index_seconds, 1))
 
         unfiltered = _measure(conn, config, labels=[])
         filtered = _measure(conn, config, labels=[FILTER_LABEL])
@@ -153,8 +170,8 @@ def run_bench(config: BenchConfig, database_url: str | None = None) -> BenchResu
             clusters=config.num_clusters,
             k=config.k,
             model_version=MODEL_VERSION,
-            load_seconds=round(load_seconds, 2),
-            index_build_seconds=round(index_seconds, 2),
+            load_seconds=None if load_seconds is None else round(load_seconds, 2),
+            index_build_seconds=None if index_seconds is None else round(index_seconds, 2),
             table_bytes=_scalar(conn, "SELECT pg_table_size('embeddings')"),
             index_bytes=_scalar(
                 conn,
@@ -168,10 +185,12 @@ def run_bench(config: BenchConfig, database_url: str | None = None) -> BenchResu
         )
 
 
-def print_bench(config: BenchConfig, database_url: str | None, *, as_json: bool) -> int:
+def print_bench(
+    config: BenchConfig, database_url: str | None, *, as_json: bool, reuse: bool = False
+) -> int:
     """Run the benchmark and print its figures; returns the exit code."""
     try:
-        result = run_bench(config, database_url)
+        result = run_bench(config, database_url, reuse=reuse)
     except ValueError as error:
         typer.echo(str(error), err=True)
         return 2
@@ -388,10 +407,10 @@ def exact_searcher(
     filter SQL the function uses, and each search scans that table.
     """
     vector_type = sql.SQL("vector({})").format(sql.Literal(dimension))
-    conn.execute("SET enable_indexscan = off")
-    conn.execute("SET enable_bitmapscan = off")
     try:
         if labels:
+            # The filter runs with its indexes (per row it looks up the latest enrichment and
+            # its labels); only the ranking below must not use the HNSW index.
             conn.execute(_CANDIDATES_FUNCTION)
             conn.execute(
                 "CREATE TEMPORARY TABLE bench_filtered AS SELECT * FROM"
@@ -407,6 +426,8 @@ def exact_searcher(
             matching = _scalar(
                 conn, "SELECT count(*) FROM embeddings WHERE model_version = %s", (MODEL_VERSION,)
             )
+        conn.execute("SET enable_indexscan = off")
+        conn.execute("SET enable_bitmapscan = off")
         statement = sql.SQL(
             "SELECT e.product_id FROM {source}"
             " ORDER BY e.embedding::{vector} <=> %s::{vector}, e.product_id LIMIT %s"
@@ -496,6 +517,25 @@ def _bench_database(database_url: str | None) -> Iterator[str]:
         _own_database(server.url) as url,
     ):
         yield url
+
+
+@contextmanager
+def _reused_database(url: str, config: BenchConfig) -> Iterator[str]:
+    """A bench database from before, migrated to this version and checked to hold
+    `config.rows` rows and the index."""
+    database.migrate(url)
+    with _connect(url) as conn:
+        rows = _scalar(
+            conn, "SELECT count(*) FROM embeddings WHERE model_version = %s", (MODEL_VERSION,)
+        )
+        index = database.embedding_index_name(MODEL_VERSION, config.dimension)
+        found = conn.execute("SELECT to_regclass(%s)", (index,)).fetchone()
+    if rows != config.rows or found is None or found[0] is None:
+        raise ValueError(
+            f"{url} is no bench database of {config.rows} rows with its index: it has {rows}"
+            f" rows and {'no' if found is None or found[0] is None else 'an'} index {index}"
+        )
+    yield url
 
 
 @contextmanager

@@ -386,6 +386,13 @@ def bench_similarity(
         int | None, typer.Option(help="Parallel index-build workers; unset: CPUs less one.")
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            help="--database-url is a bench database loaded and indexed before (an interrupted"
+            " run's): measure the queries only."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Index build time, query latency and recall@10 of similarity search on N vectors."""
@@ -400,7 +407,7 @@ def bench_similarity(
         maintenance_work_mem=maintenance_work_mem,
         **({} if workers is None else {"maintenance_workers": workers}),
     )
-    raise typer.Exit(print_bench(config, database_url, as_json=as_json))
+    raise typer.Exit(print_bench(config, database_url, as_json=as_json, reuse=reuse))
 
 
 @app.command("eval")

@@ -65,6 +65,24 @@ def test_exact_search_finds_what_brute_force_finds_with_and_without_the_filter(
             assert bench_similarity.recall(result, list(truth)) == 1.0
 
 
+def test_a_reused_database_is_only_queried_and_one_of_another_size_is_refused(
+    stack: LocalStack,
+) -> None:
+    with catalog_database(stack) as url:
+        with database.connect(url) as conn:
+            conn.autocommit = True
+            bench_similarity.load_catalog(conn, SMALL)
+            bench_similarity.build_index(conn, SMALL)
+
+        result = bench_similarity.run_bench(SMALL, url, reuse=True)
+        with pytest.raises(ValueError, match="has 3000 rows"):
+            bench_similarity.run_bench(BenchConfig(rows=4000, dimension=32), url, reuse=True)
+
+    assert result.load_seconds is None and result.index_build_seconds is None
+    assert result.filtered.matching_rows == 30
+    assert 0.0 <= result.unfiltered.recall_at_10 <= 1.0
+
+
 def test_synthetic_rows_are_the_same_in_any_chunking() -> None:
     mixture = Mixture(BenchConfig(rows=50_000, dimension=8))
 
