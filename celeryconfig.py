@@ -30,7 +30,10 @@ task_queues = (
         durable=True,
     ),
 )
-task_routes = {"enrichment.start_backfill": {"queue": _settings.backfill_queue}}
+task_routes = {
+    "enrichment.start_backfill": {"queue": _settings.backfill_queue},
+    "enrichment.expand_backfill_chunk": {"queue": _settings.backfill_queue},
+}
 task_serializer = "json"
 accept_content = ["json"]
 task_ignore_result = True

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
+MAX_PRODUCTS_PER_MESSAGE = 1000
 
 SQL_COLUMNS = ("product_id", "title", "description", "attributes", "images", "image_urls")
 """Columns a `--from-sql` query may return; product_id, title and images or image_urls are
@@ -84,8 +86,42 @@ class BackfillRequest(BaseModel):
         default=None, pattern=RUN_ID_PATTERN, description="Unset starts a new run."
     )
     rate: float | None = Field(
-        default=None, gt=0, description="Products submitted per second at most; unset is as fast."
+        default=None,
+        gt=0,
+        description="Products a second onto the workers' queue at most (paced when sent and when"
+        " expanded); unset is as fast.",
     )
     chunk_size: int = Field(
         default=2000, ge=1, le=50_000, description="Products per database round and confirm."
     )
+    products_per_message: int = Field(
+        default=250,
+        ge=1,
+        le=MAX_PRODUCTS_PER_MESSAGE,
+        description="Products per chunk message, which a worker expands into one task each.",
+    )
+
+
+class BackfillChunk(BaseModel):
+    """The kwargs of `enrichment.expand_backfill_chunk`: product events of one run, each with
+    its backfill event id, that a worker publishes as one `enrichment.enrich_product` task
+    each; `rate` (products a second) paces that expansion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_id: str = Field(pattern=RUN_ID_PATTERN)
+    rate: float | None = Field(default=None, gt=0)
+    events: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_PRODUCTS_PER_MESSAGE)
+
+    @field_validator("events")
+    @classmethod
+    def _events_carry_their_ids(cls, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rest of each event is validated by its own enrich_product task."""
+        for index, event in enumerate(events):
+            if not isinstance(event.get("product_id"), str):
+                raise ValueError(f"event {index} has no product_id string")
+            try:
+                UUID(str(event.get("event_id")))
+            except ValueError:
+                raise ValueError(f"event {index} has no event_id UUID") from None
+        return events

@@ -3,32 +3,37 @@
 A run reads product events from a source (a JSON lines file, a query on the catalog's
 Postgres, JSON lines objects under an S3 prefix), keeps the products its mode selects
 (`missing`, `stale`, `all`, decided against the enrichments table; deleted products never),
-and publishes one `enrichment.enrich_product` task per product onto the backfill queue, so
-that uploads, on the task queue, are never queued behind it.
+and publishes them in chunk messages (`enrichment.expand_backfill_chunk`, a few hundred
+products each) onto the backfill queue, so that uploads, on the task queue, are never queued
+behind it. A worker expands a chunk into one `enrichment.enrich_product` task per product on
+the same queue (`expand_chunk`), at the run's rate if it has one, then acknowledges it.
 
 Each product gets a fresh event id derived from the run id and the product id, so that a run
 started again submits nothing twice: products the run already submitted are skipped
 (`backfill_items`), and a task message that went out twice is one event to the worker.
 
-Submission is chunked: per chunk one query decides the products, the task messages go out as
-pre-built AMQP frames, RabbitMQ confirms the chunk, and one transaction records the items.
+Submission is chunked: per chunk one query decides the products, the chunk messages go out
+as pre-built AMQP frames, RabbitMQ confirms them, and one transaction records the items. One
+message per product is bounded by what RabbitMQ persists and confirms (about 4,600 messages/s
+on a 2-core machine); a few hundred products per message are not.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import struct
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 import structlog
@@ -38,6 +43,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from schemas.backfill import (
+    BackfillChunk,
     BackfillMode,
     BackfillRequest,
     JsonlSource,
@@ -53,6 +59,7 @@ from worker.stores import objects
 log = structlog.get_logger(__name__)
 
 TASK_NAME = "enrichment.enrich_product"
+CHUNK_TASK_NAME = "enrichment.expand_backfill_chunk"
 EVENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "catalog-enrichment/backfill")
 """uuid5 namespace of backfilled event ids: uuid5(EVENT_NAMESPACE, f"{run_id}/{product_id}")."""
 
@@ -66,6 +73,19 @@ class InvalidBackfill(Exception):
 
 def event_id_for(run_id: str, product_id: str) -> uuid.UUID:
     return uuid.uuid5(EVENT_NAMESPACE, f"{run_id}/{product_id}")
+
+
+def event_id_text(run_id: str, product_id: str) -> str:
+    """str(event_id_for(run_id, product_id)), made without a UUID object (a quarter of the
+    time, which a backfill spends per product)."""
+    digest = hashlib.sha1(EVENT_NAMESPACE.bytes + f"{run_id}/{product_id}".encode()).hexdigest()
+    variant = "89ab"[int(digest[16], 16) & 0x3]
+    return f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{variant}{digest[17:20]}-{digest[20:32]}"
+
+
+def chunk_task_id(run_id: str, first_event_id: uuid.UUID | str) -> str:
+    """A chunk message's task id, the same whenever the same chunk is sent."""
+    return str(uuid.uuid5(EVENT_NAMESPACE, f"{run_id}/chunk/{first_event_id}"))
 
 
 def new_run_id() -> str:
@@ -263,13 +283,13 @@ class TaskFrames:
         return b"".join(parts)
 
 
-def task_headers(kwargsrepr: str) -> dict[str, Any]:
-    """Celery's protocol-2 headers for an enrich_product task, as apply_async builds them."""
+def task_headers(kwargsrepr: str, task: str = TASK_NAME) -> dict[str, Any]:
+    """Celery's protocol-2 headers for a task without ETA, as apply_async builds them."""
     from worker.app import app
 
     message = app.amqp.as_task_v2(
         TaskFrames._PLACEHOLDER,
-        TASK_NAME,
+        task,
         args=(),
         kwargs={},
         argsrepr="()",
@@ -285,6 +305,19 @@ def task_body(event_json: str) -> bytes:
         '[[], {"event": '
         + event_json
         + '}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
+    ).encode()
+
+
+def chunk_body(run_id: str, rate: float | None, event_jsons: Sequence[str]) -> bytes:
+    """A chunk task's body: kwargs run_id, rate and events (schemas.backfill.BackfillChunk)."""
+    return (
+        '[[], {"run_id": '
+        + json.dumps(run_id)
+        + ', "rate": '
+        + json.dumps(rate)
+        + ', "events": ['
+        + ", ".join(event_jsons)
+        + ']}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
     ).encode()
 
 
@@ -315,20 +348,23 @@ class TokenBucket:
             self._sleep(-self.tokens / self.rate)
 
 
-# TODO(#5): one message per product bounds submission by what RabbitMQ persists and confirms:
-# about 4,600 messages/s on the shared 2-core machine, where a backfill reached 4,200
-# products/s with 52 us of its own CPU per product. Reaching 10,000/s there needs messages
-# of several products that a worker fans out.
 class TaskPublisher:
     """Publishes task messages onto one queue with publisher confirms: `send` writes a chunk,
     `confirm` waits until RabbitMQ has it, so that one chunk is confirmed while the next is
     prepared."""
 
     def __init__(
-        self, broker_url: str, queue: str, *, kwargsrepr: str, confirm_timeout_s: float = 60.0
+        self,
+        broker_url: str,
+        queue: str,
+        *,
+        kwargsrepr: str,
+        task: str = TASK_NAME,
+        confirm_timeout_s: float = 60.0,
     ) -> None:
         self.queue = queue
         self.kwargsrepr = kwargsrepr
+        self.task = task
         self.confirm_timeout_s = confirm_timeout_s
         self._connection = Connection(broker_url, connect_timeout=10)
         self._published = 0
@@ -353,22 +389,26 @@ class TaskPublisher:
             channel_id=channel.channel_id,
             frame_max=self._raw.frame_max,
             routing_key=self.queue,
-            headers=task_headers(self.kwargsrepr),
+            headers=task_headers(self.kwargsrepr, self.task),
         )
         return self
 
     def __exit__(self, *_: object) -> None:
         self._connection.release()
 
-    def send(self, messages: Sequence[tuple[str, bytes]], bucket: TokenBucket | None) -> int:
+    def send(
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        bucket: TokenBucket | None = None,
+        products: Sequence[int] = (),
+    ) -> int:
         """Write (task id, body) messages without waiting; returns the delivery tag that
-        `confirm` waits for."""
-        step = max(1, len(messages) if bucket is None else int(bucket.rate // 20))
+        `confirm` waits for. With a bucket, each message first takes its `products` count."""
+        parts = [messages] if bucket is None else [[m] for m in messages]
         try:
-            for start in range(0, len(messages), step):
-                part = messages[start : start + step]
+            for index, part in enumerate(parts):
                 if bucket is not None:
-                    bucket.take(len(part))
+                    bucket.take(products[index] if products else 1)
                 self._raw.transport.write(b"".join(self._frames.frames(*m) for m in part))
                 self._raw.bytes_sent += 1
                 self._published += len(part)
@@ -447,6 +487,8 @@ class _Chunk:
     events: dict[str, ProductCreated] = field(default_factory=dict)
     rejects: list[tuple[str, str, str, str]] = field(default_factory=list)
     """(position, field, value, allowed) of each record that is no valid event."""
+    read: int = 0
+    duplicate: int = 0
 
 
 def run_backfill(
@@ -507,38 +549,47 @@ def _run_pass(
 ) -> BackfillOutcome:
     with _connect(settings) as conn, _publisher(settings, run_id) as publisher:
         _open_run(conn, run_id, request, versions)
-        # One chunk stays in flight: RabbitMQ confirms it while the next one is prepared.
-        batches = _batched(records, request.chunk_size)
-        batch, in_flight = next(batches, None), None
-        while batch is not None:
-            position += len(batch)
-            sent = _send_chunk(
-                conn, publisher, bucket, request, run_id, versions, batch, counts, in_flight
-            )
-            sent.position = position
-            if in_flight is not None:
-                _confirm_chunk(conn, publisher, run_id, in_flight, counts)
-            in_flight = sent
-            batch = next(batches, None)
-            # The chunk read ahead is left for the continuation, which reads it again.
-            if batch is not None and deadline is not None and time.monotonic() > deadline:
-                _confirm_chunk(conn, publisher, run_id, in_flight, counts)
-                outcome = BackfillOutcome(
-                    run_id, counts, False, in_flight.position, time.monotonic() - started
-                )
-                log.info(
-                    "backfill_paused", run_id=run_id, position=outcome.position, **counts.as_dict()
-                )
-                return outcome
-            if on_chunk is not None:
-                on_chunk(
-                    BackfillOutcome(
+        # Pipeline mode: the confirmed chunk's items are written while the next chunk is
+        # validated; the next selection waits for them.
+        with conn.pipeline():
+            # One chunk stays in flight: RabbitMQ confirms it while the next one is prepared.
+            # The next chunk is validated while the database classifies this one.
+            batches = _validated(records, request.chunk_size)
+            batch, in_flight = next(batches, None), None
+            asked = _ask(conn, run_id, versions, batch, counts, None) if batch else None
+            while batch is not None:
+                ahead = next(batches, None)
+                position += batch.read
+                sent = _send_chunk(publisher, bucket, request, run_id, batch, asked, counts)
+                sent.position = position
+                if in_flight is not None:
+                    _confirm_chunk(conn, publisher, run_id, in_flight, counts)
+                in_flight, batch = sent, ahead
+                if batch is not None:
+                    asked = _ask(conn, run_id, versions, batch, counts, in_flight)
+                # The chunk read ahead is left for the continuation, which reads it again.
+                if batch is not None and deadline is not None and time.monotonic() > deadline:
+                    _confirm_chunk(conn, publisher, run_id, in_flight, counts)
+                    batches.close()
+                    outcome = BackfillOutcome(
                         run_id, counts, False, in_flight.position, time.monotonic() - started
                     )
-                )
-        if in_flight is not None:
-            _confirm_chunk(conn, publisher, run_id, in_flight, counts)
-        _finish_run(conn, run_id, counts)
+                    log.info(
+                        "backfill_paused",
+                        run_id=run_id,
+                        position=outcome.position,
+                        **counts.as_dict(),
+                    )
+                    return outcome
+                if on_chunk is not None:
+                    on_chunk(
+                        BackfillOutcome(
+                            run_id, counts, False, in_flight.position, time.monotonic() - started
+                        )
+                    )
+            if in_flight is not None:
+                _confirm_chunk(conn, publisher, run_id, in_flight, counts)
+            _finish_run(conn, run_id, counts)
 
     outcome = BackfillOutcome(run_id, counts, True, position, time.monotonic() - started)
     log.info(
@@ -552,37 +603,77 @@ def _run_pass(
     return outcome
 
 
+class _Item(NamedTuple):
+    """A selected product: its backfill event id and its event as JSON with that id."""
+
+    product_id: str
+    event_id: str
+    event_json: str
+
+
 @dataclass
 class _SentChunk:
     """A chunk whose task messages are out, waiting for RabbitMQ's confirms."""
 
-    events: list[ProductCreated]
+    events: list[_Item]
     rejects: list[tuple[str, str, str, str]]
     delivery_tag: int
     position: int = 0
     """Source records consumed once this chunk is recorded."""
 
 
-def _send_chunk(
+def _ask(
     conn: psycopg.Connection[Any],
+    run_id: str,
+    versions: ModelVersions | None,
+    chunk: _Chunk,
+    counts: PassCounts,
+    in_flight: _SentChunk | None,
+) -> psycopg.Cursor[Any] | None:
+    """Count a validated chunk and send its classification query, without waiting for it.
+    Products of the chunk still in flight count as duplicates: their items are not written
+    yet, so the query cannot see them."""
+    counts.read += chunk.read
+    counts.rejected += len(chunk.rejects)
+    counts.duplicate += chunk.duplicate
+    for item in in_flight.events if in_flight else []:
+        if chunk.events.pop(item.product_id, None) is not None:
+            counts.duplicate += 1
+    if not chunk.events:
+        return None
+    return conn.execute(
+        _CLASSIFY,
+        {
+            "run_id": run_id,
+            "ids": list(chunk.events),
+            "versions": Jsonb(versions.model_dump()) if versions else None,
+        },
+    )
+
+
+def _send_chunk(
     publisher: TaskPublisher,
     bucket: TokenBucket | None,
     request: BackfillRequest,
     run_id: str,
-    versions: ModelVersions | None,
-    batch: list[Record],
+    chunk: _Chunk,
+    asked: psycopg.Cursor[Any] | None,
     counts: PassCounts,
-    in_flight: _SentChunk | None,
 ) -> _SentChunk:
-    """Validate, select and publish one chunk. Products of the chunk still in flight count as
-    duplicates: their items are not written yet, so the selection cannot see them."""
-    chunk = _validate(
-        batch, counts, {e.product_id for e in in_flight.events} if in_flight else set()
-    )
-    selected = _select(conn, run_id, request.mode, versions, chunk.events, counts)
+    """Publish the products of a chunk that its classification selects."""
+    rows = asked.fetchall() if asked is not None else []
+    selected = _select(rows, run_id, request.mode, chunk.events, counts)
 
-    messages = [(str(event.event_id), task_body(event.model_dump_json())) for event in selected]
-    tag = publisher.send(messages, bucket)
+    step = request.products_per_message
+    groups = [selected[start : start + step] for start in range(0, len(selected), step)]
+    messages = [
+        (
+            chunk_task_id(run_id, group[0].event_id),
+            chunk_body(run_id, request.rate, [item.event_json for item in group]),
+        )
+        for group in groups
+    ]
+    tag = publisher.send(messages, bucket, [len(group) for group in groups])
 
     return _SentChunk(selected, chunk.rejects, tag)
 
@@ -600,9 +691,88 @@ def _confirm_chunk(
     _record(conn, run_id, chunk.events, chunk.rejects, counts)
 
 
-def _batched(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
-    while batch := list(islice(records, size)):
-        yield batch
+# Chunk expansion (on a worker) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """What one expansion of a chunk did: tasks published now, items a previous delivery had
+    already expanded, and the events left for the chunk sent on after `countdown_s`."""
+
+    published: int
+    already_expanded: int
+    rest: list[dict[str, Any]]
+    countdown_s: float
+
+
+def expand_chunk(chunk: BackfillChunk, settings: Settings) -> Expansion:
+    """Publish one enrich_product task per event of the chunk onto the backfill queue, with
+    the event id as task id, confirmed by RabbitMQ, then mark the items expanded.
+
+    With a rate, one slice of at most max(1, rate) events is expanded now and the rest waits
+    for the time that slice takes at that rate. Events a previous delivery of the chunk
+    expanded (`backfill_items.expanded_at`) are not published again; a worker lost between
+    the confirm and the mark sends them twice, which the worker sees as one event.
+    """
+    slice_size = len(chunk.events) if chunk.rate is None else max(1, int(chunk.rate))
+    now, rest = chunk.events[:slice_size], chunk.events[slice_size:]
+    countdown_s = len(now) / chunk.rate if chunk.rate and rest else 0.0
+
+    try:
+        with _connect(settings) as conn:
+            expanded = _expanded(conn, chunk.run_id, now)
+            todo = [event for event in now if event["product_id"] not in expanded]
+            if todo:
+                _publish_tasks(settings, chunk.run_id, todo)
+                _mark_expanded(conn, chunk.run_id, todo)
+    except psycopg.OperationalError as exc:
+        raise TransientFault(f"the enrichment database failed during an expansion: {exc}") from exc
+
+    log.info(
+        "backfill_chunk_expanded",
+        run_id=chunk.run_id,
+        published=len(todo),
+        already_expanded=len(now) - len(todo),
+        rest=len(rest),
+    )
+    return Expansion(len(todo), len(now) - len(todo), rest, countdown_s)
+
+
+def _expanded(conn: psycopg.Connection[Any], run_id: str, events: list[dict[str, Any]]) -> set[str]:
+    rows = conn.execute(
+        "SELECT product_id FROM backfill_items WHERE run_id = %s AND product_id = ANY(%s)"
+        " AND expanded_at IS NOT NULL",
+        (run_id, [event["product_id"] for event in events]),
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def _publish_tasks(settings: Settings, run_id: str, events: list[dict[str, Any]]) -> None:
+    publisher = TaskPublisher(
+        settings.broker_url.get_secret_value(),
+        settings.backfill_queue,
+        kwargsrepr=f"{{'event': <product event of backfill {run_id}>}}",
+    )
+    messages = [(str(event["event_id"]), task_body(json.dumps(event))) for event in events]
+    with publisher:
+        publisher.confirm(publisher.send(messages))
+
+
+def _mark_expanded(
+    conn: psycopg.Connection[Any], run_id: str, events: list[dict[str, Any]]
+) -> None:
+    """Items the client has not recorded yet (its confirm and this expansion race) are
+    written here; the client's insert then leaves them as they are."""
+    conn.execute(
+        "INSERT INTO backfill_items (run_id, product_id, event_id, expanded_at)"
+        " SELECT %s, p, e, now() FROM unnest(%s::text[], %s::uuid[]) AS u (p, e)"
+        " ON CONFLICT (run_id, product_id) DO UPDATE SET expanded_at = excluded.expanded_at",
+        (
+            run_id,
+            [event["product_id"] for event in events],
+            [str(event["event_id"]) for event in events],
+        ),
+    )
 
 
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
@@ -618,7 +788,8 @@ def _publisher(settings: Settings, run_id: str) -> TaskPublisher:
     return TaskPublisher(
         settings.broker_url.get_secret_value(),
         settings.backfill_queue,
-        kwargsrepr=f"{{'event': <product event of backfill {run_id}>}}",
+        kwargsrepr=f"{{'run_id': {run_id!r}, 'events': <product events>}}",
+        task=CHUNK_TASK_NAME,
     )
 
 
@@ -654,16 +825,20 @@ def _open_run(
     log.info("backfill_started", run_id=run_id, source=source, mode=mode, passes=row[0])
 
 
-def _validate(batch: list[Record], counts: PassCounts, in_flight: set[str]) -> _Chunk:
+def _validated(records: Iterator[Record], size: int) -> Generator[_Chunk, None, None]:
+    """The source's records in validated chunks of `size`."""
+    while batch := list(islice(records, size)):
+        yield _validate(batch)
+
+
+def _validate(batch: list[Record]) -> _Chunk:
     """Valid events keyed by product (the first of a product's events wins); the rest as
     (position, field, reason) rejects."""
-    chunk = _Chunk()
+    chunk = _Chunk(read=len(batch))
     for record in batch:
-        counts.read += 1
         try:
             event = parse_event(record.body)
         except InvalidEvent as exc:
-            counts.rejected += 1
             chunk.rejects.append((record.position, exc.field, exc.value, exc.allowed))
             log.warning(
                 "backfill_event_rejected",
@@ -674,8 +849,8 @@ def _validate(batch: list[Record], counts: PassCounts, in_flight: set[str]) -> _
                 outcome="skipped",
             )
             continue
-        if event.product_id in chunk.events or event.product_id in in_flight:
-            counts.duplicate += 1
+        if event.product_id in chunk.events:
+            chunk.duplicate += 1
             continue
         chunk.events[event.product_id] = event
     return chunk
@@ -710,25 +885,15 @@ _MODE_CLASSES = {
 
 
 def _select(
-    conn: psycopg.Connection[Any],
+    rows: list[tuple[str, str]],
     run_id: str,
     mode: BackfillMode,
-    versions: ModelVersions | None,
     events: dict[str, ProductCreated],
     counts: PassCounts,
-) -> list[ProductCreated]:
-    """The chunk's products that the mode selects, as events with their backfill event ids."""
-    if not events:
-        return []
-    rows = conn.execute(
-        _CLASSIFY,
-        {
-            "run_id": run_id,
-            "ids": list(events),
-            "versions": Jsonb(versions.model_dump()) if versions else None,
-        },
-    ).fetchall()
-
+) -> list[_Item]:
+    """The chunk's products that the mode selects (rows: product id and class), as events
+    with their backfill event ids and the submission time (the other fields as the source
+    had them)."""
     classes = Counter(row[1] for row in rows)
     counts.deleted += classes["deleted"]
     counts.already_submitted += classes["submitted"]
@@ -736,42 +901,51 @@ def _select(
     counts.not_selected += sum(
         n for name, n in classes.items() if name in {"missing", "stale", "current"} - wanted
     )
-    occurred_at = datetime.now(UTC)
-    return [
-        events[product_id].model_copy(
-            update={"event_id": event_id_for(run_id, product_id), "occurred_at": occurred_at}
-        )
-        for product_id, kind in rows
-        if kind in wanted
-    ]
+    occurred_at = json.dumps(datetime.now(UTC).isoformat())
+    items = []
+    for product_id, kind in rows:
+        if kind in wanted:
+            event_id = event_id_text(run_id, product_id)
+            rest = events[product_id].model_dump_json(exclude=_RESTAMPED)
+            head = f'{{"event_id": "{event_id}", "occurred_at": {occurred_at}, '
+            items.append(_Item(product_id, event_id, head + rest[1:]))
+    return items
+
+
+_RESTAMPED = {"event_id", "occurred_at"}
 
 
 def _record(
     conn: psycopg.Connection[Any],
     run_id: str,
-    submitted: list[ProductCreated],
+    submitted: list[_Item],
     rejects: list[tuple[str, str, str, str]],
     counts: PassCounts,
 ) -> None:
-    """The confirmed chunk's items, its rejects and the pass's counts, in one transaction."""
-    with conn.transaction():
-        conn.execute(
-            "INSERT INTO backfill_items (run_id, product_id, event_id)"
-            " SELECT %s, p, e FROM unnest(%s::text[], %s::uuid[]) AS u (p, e)"
-            " ON CONFLICT DO NOTHING",
-            (run_id, [e.product_id for e in submitted], [e.event_id for e in submitted]),
-        )
-        if rejects:
-            conn.execute(
-                "INSERT INTO backfill_rejects (run_id, position, field, value, allowed)"
-                " SELECT %s, p, f, v, a FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])"
-                " AS u (p, f, v, a) ON CONFLICT DO NOTHING",
-                (run_id, *map(list, zip(*rejects, strict=True))),
-            )
-        conn.execute(
-            "UPDATE backfill_runs SET counts = %s, updated_at = now() WHERE run_id = %s",
-            (Jsonb(counts.as_dict()), run_id),
-        )
+    """The confirmed chunk's items, its rejects and the pass's counts, in one statement (so
+    atomic without a transaction block, which would wait for it in pipeline mode)."""
+    rejected = list(map(list, zip(*rejects, strict=True))) if rejects else [[], [], [], []]
+    conn.execute(
+        "WITH items AS (INSERT INTO backfill_items (run_id, product_id, event_id)"
+        " SELECT %(run_id)s, p, e FROM unnest(%(products)s::text[], %(events)s::uuid[])"
+        " AS u (p, e) ON CONFLICT DO NOTHING),"
+        " rejects AS (INSERT INTO backfill_rejects (run_id, position, field, value, allowed)"
+        " SELECT %(run_id)s, p, f, v, a"
+        " FROM unnest(%(positions)s::text[], %(fields)s::text[], %(values)s::text[],"
+        " %(allowed)s::text[]) AS u (p, f, v, a) ON CONFLICT DO NOTHING)"
+        " UPDATE backfill_runs SET counts = %(counts)s, updated_at = now()"
+        " WHERE run_id = %(run_id)s",
+        {
+            "run_id": run_id,
+            "products": [e.product_id for e in submitted],
+            "events": [e.event_id for e in submitted],
+            "positions": rejected[0],
+            "fields": rejected[1],
+            "values": rejected[2],
+            "allowed": rejected[3],
+            "counts": Jsonb(counts.as_dict()),
+        },
+    )
 
 
 def _finish_run(conn: psycopg.Connection[Any], run_id: str, counts: PassCounts) -> None:

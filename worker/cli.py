@@ -294,6 +294,9 @@ def backfill(
     ] = None,
     rate: Annotated[float | None, typer.Option(help="At most this many products a second.")] = None,
     chunk_size: Annotated[int, typer.Option(help="Products per database round trip.")] = 2000,
+    per_message: Annotated[
+        int, typer.Option(help="Products per chunk message, which a worker expands (1-1000).")
+    ] = 250,
     wait: Annotated[
         bool, typer.Option(help="Follow the workers until every product is done or failed.")
     ] = True,
@@ -328,6 +331,7 @@ def backfill(
                 "run_id": run_id,
                 "rate": rate,
                 "chunk_size": chunk_size,
+                "products_per_message": per_message,
             }
         )
     except ValidationError as exc:

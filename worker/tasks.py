@@ -302,3 +302,56 @@ def _without_secrets(request: dict[str, Any]) -> dict[str, Any]:
     if isinstance(source, dict) and "catalog_url" in source:
         return {**request, "source": {**source, "catalog_url": "(left out)"}}
     return request
+
+
+@app.task(bind=True, name="enrichment.expand_backfill_chunk", max_retries=MAX_RETRIES)
+def expand_backfill_chunk(
+    self: Task, run_id: str, events: list[dict[str, Any]], rate: float | None = None
+) -> dict[str, Any]:
+    """Publish one enrichment.enrich_product task per product of a backfill chunk message
+    (schemas.backfill.BackfillChunk), then acknowledge the chunk.
+
+    A redelivered chunk publishes nothing again for the products already expanded. With a
+    rate, one slice is expanded and the rest is sent on with the countdown that slice takes.
+    """
+    import json
+
+    from schemas.backfill import BackfillChunk
+    from worker.backfill import InvalidBackfill, expand_chunk
+
+    settings = get_settings()
+    try:
+        chunk = BackfillChunk.model_validate({"run_id": run_id, "events": events, "rate": rate})
+    except ValidationError as exc:
+        reason = f"the chunk message is no backfill chunk: {exc}"
+        with app.producer_or_acquire() as producer:
+            dead_letter(
+                producer,
+                settings,
+                json.dumps({"run_id": run_id, "events": events, "rate": rate}).encode(),
+                kind=InvalidBackfill.kind,
+                reason=reason,
+                routing_key="enrichment.expand_backfill_chunk",
+            )
+        log.warning("backfill_chunk_rejected", reason=reason[:500], outcome="dead_lettered")
+        return {"status": "rejected", "reason": reason}
+
+    try:
+        expansion = expand_chunk(chunk, settings)
+    except TransientFault as exc:
+        log.warning("backfill_chunk_retried", reason=str(exc), attempt=self.request.retries + 1)
+        raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc
+
+    if expansion.rest:
+        expand_backfill_chunk.apply_async(
+            kwargs={"run_id": run_id, "events": expansion.rest, "rate": rate},
+            countdown=expansion.countdown_s,
+            queue=settings.backfill_queue,
+        )
+    return {
+        "status": "expanded",
+        "published": expansion.published,
+        "already_expanded": expansion.already_expanded,
+        "rest": len(expansion.rest),
+        "countdown_s": expansion.countdown_s,
+    }

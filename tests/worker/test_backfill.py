@@ -17,7 +17,14 @@ from amqp.spec import Basic
 from kombu import Connection, Message, Queue
 from pydantic import SecretStr
 
-from schemas.backfill import BackfillMode, BackfillRequest, JsonlSource, S3Source, SqlSource
+from schemas.backfill import (
+    BackfillChunk,
+    BackfillMode,
+    BackfillRequest,
+    JsonlSource,
+    S3Source,
+    SqlSource,
+)
 from schemas.events import ModelVersions
 from schemas.settings import Settings
 from tests.schemas.test_events import product_payload
@@ -68,11 +75,24 @@ def queued(settings: Settings) -> list[Message]:
 
 
 def queued_events(settings: Settings) -> list[dict[str, Any]]:
-    events = []
+    """The product events of every message on the backfill queue, chunks unpacked."""
+    events: list[dict[str, Any]] = []
     for message in queued(settings):
         _, kwargs, _ = json.loads(message.body)
-        events.append(kwargs["event"])
+        events.extend(kwargs["events"] if "events" in kwargs else [kwargs["event"]])
     return events
+
+
+def expand(settings: Settings, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any]) -> Any:
+    """Run the chunk task as a worker would; returns its result and the chunks it sent on."""
+    from worker import tasks
+
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    sent_on: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        tasks.expand_backfill_chunk, "apply_async", lambda **options: sent_on.append(options)
+    )
+    return tasks.expand_backfill_chunk.apply(kwargs=kwargs).get(), sent_on
 
 
 def jsonl_request(path: Path, mode: BackfillMode = BackfillMode.ALL, **changes: Any) -> Any:
@@ -127,6 +147,14 @@ def test_task_frames_are_the_bytes_py_amqp_writes_for_the_same_message() -> None
         assert frames.frames(task_id, body) == written.getvalue()
 
 
+def test_event_ids_made_as_text_are_the_uuid5_of_run_and_product() -> None:
+    pairs = [(f"run-{i}", f"p-{i * 7919}") for i in range(2000)]
+
+    made = [backfill.event_id_text(run_id, product_id) for run_id, product_id in pairs]
+
+    assert made == [str(event_id_for(run_id, product_id)) for run_id, product_id in pairs]
+
+
 def test_the_token_bucket_sleeps_for_what_goes_past_the_rate() -> None:
     now = [0.0]
     slept: list[float] = []
@@ -161,12 +189,13 @@ def test_submits_every_valid_product_once_and_records_the_invalid_lines(
     assert outcome.finished
     assert outcome.counts.submitted == 5
     assert (outcome.counts.rejected, outcome.counts.read) == (2, 8)
-    assert [m.headers["task"] for m in messages] == [backfill.TASK_NAME] * 5
-    bodies = [json.loads(m.body)[1]["event"] for m in messages]
+    assert {m.headers["task"] for m in messages} == {backfill.CHUNK_TASK_NAME}
+    chunks = [json.loads(m.body)[1] for m in messages]
+    bodies = [event for chunk in chunks for event in chunk["events"]]
+    assert {chunk["run_id"] for chunk in chunks} == {"run-1"}
     assert sorted(e["product_id"] for e in bodies) == [f"p-{i}" for i in range(5)]
-    for message, event in zip(messages, bodies, strict=True):
+    for event in bodies:
         assert event["event_id"] == str(event_id_for("run-1", event["product_id"]))
-        assert message.headers["id"] == event["event_id"]
     with psycopg.connect(settings.database_url.get_secret_value()) as conn:
         rejects = run_rejects(conn, "run-1")
     assert sorted(group.kind for group in rejects) == ["body", "images"]
@@ -392,7 +421,104 @@ def test_the_commands_submit_with_a_progress_bar_and_show_the_run(
     assert "submitted 2  done 0  failed 0  pending 2" in shown.output
     assert "body: 1" in shown.output
     assert [run["run_id"] for run in json.loads(listed.output)["runs"]] == ["cli"]
-    assert len(queued(settings)) == 2
+    assert len(queued_events(settings)) == 2
+
+
+def test_a_chunk_expands_into_one_enrich_product_task_per_product_with_its_event_id(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = [product_payload(product_id=f"p-{i}") for i in range(5)]
+    source = write_events(tmp_path / "a.jsonl", events)
+    run_backfill(jsonl_request(source, run_id="x", products_per_message=3), settings)
+    chunks = [json.loads(message.body)[1] for message in queued(settings)]
+
+    results = [expand(settings, monkeypatch, chunk)[0] for chunk in chunks]
+
+    messages = queued(settings)
+    assert [len(chunk["events"]) for chunk in chunks] == [3, 2]
+    assert [result["published"] for result in results] == [3, 2]
+    assert [m.headers["task"] for m in messages] == [backfill.TASK_NAME] * 5
+    bodies = [json.loads(m.body)[1]["event"] for m in messages]
+    assert [e["product_id"] for e in bodies] == [f"p-{i}" for i in range(5)]
+    for message, event in zip(messages, bodies, strict=True):
+        assert event["event_id"] == str(event_id_for("x", event["product_id"]))
+        assert message.headers["id"] == event["event_id"]
+        assert message.delivery_info["routing_key"] == settings.backfill_queue
+
+
+def test_a_redelivered_chunk_publishes_no_task_again(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = [product_payload(product_id=f"p-{i}") for i in range(3)]
+    run_backfill(jsonl_request(write_events(tmp_path / "a.jsonl", events), run_id="x"), settings)
+    (message,) = queued(settings)
+    chunk = json.loads(message.body)[1]
+    first, _ = expand(settings, monkeypatch, chunk)
+    published = queued_events(settings)
+
+    again, _ = expand(settings, monkeypatch, chunk)
+
+    assert (first["published"], first["already_expanded"]) == (3, 0)
+    assert (again["published"], again["already_expanded"]) == (0, 3)
+    assert queued(settings) == []
+    assert sorted(e["event_id"] for e in published) == sorted(
+        str(event_id_for("x", f"p-{i}")) for i in range(3)
+    )
+    with psycopg.connect(settings.database_url.get_secret_value()) as conn:
+        progress = run_progress(conn, "x")
+    assert progress is not None and progress.submitted == 3
+
+
+def test_a_chunk_expanded_before_the_client_recorded_it_counts_once(
+    settings: Settings, tmp_path: Path
+) -> None:
+    events = [product_payload(product_id=f"p-{i}") for i in range(2)]
+    source = write_events(tmp_path / "a.jsonl", events)
+    run_backfill(jsonl_request(source, run_id="x"), settings)
+    url = settings.database_url.get_secret_value()
+    with psycopg.connect(url) as conn:
+        conn.execute("DELETE FROM backfill_items WHERE run_id = 'x'")
+    chunk = BackfillChunk.model_validate(json.loads(queued(settings)[0].body)[1])
+
+    backfill.expand_chunk(chunk, settings)
+    again = run_backfill(jsonl_request(source, run_id="x"), settings)
+
+    with psycopg.connect(url) as conn:
+        progress = run_progress(conn, "x")
+    assert progress is not None and progress.submitted == 2
+    assert (again.counts.already_submitted, again.counts.submitted) == (2, 0)
+
+
+def test_the_rate_expands_one_slice_a_second_and_sends_the_rest_on(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = [product_payload(product_id=f"p-{i}") for i in range(5)]
+    source = write_events(tmp_path / "a.jsonl", events)
+    run_backfill(jsonl_request(source, run_id="x", rate=2.0), settings)
+    (message,) = queued(settings)
+    chunk = json.loads(message.body)[1]
+
+    slices = []
+    while chunk is not None:
+        result, sent_on = expand(settings, monkeypatch, chunk)
+        slices.append((result["published"], [options["countdown"] for options in sent_on]))
+        chunk = sent_on[0]["kwargs"] if sent_on else None
+
+    assert slices == [(2, [1.0]), (2, [1.0]), (1, [])]
+    assert [e["product_id"] for e in queued_events(settings)] == [f"p-{i}" for i in range(5)]
+    assert sent_on == []
+
+
+def test_a_chunk_without_event_ids_is_dead_lettered(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.dlq import list_dead_letters
+
+    result, _ = expand(settings, monkeypatch, {"run_id": "x", "events": [{"product_id": "p"}]})
+
+    assert result["status"] == "rejected"
+    letters = [d for d in list_dead_letters(settings, limit=100) if d.kind == "invalid_backfill"]
+    assert "event 0 has no event_id UUID" in letters[-1].reason
 
 
 @pytest.mark.slow
