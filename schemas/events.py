@@ -129,11 +129,19 @@ class EmbeddingInfo(BaseModel):
 
 
 class ModelVersions(BaseModel):
+    """Each stage's model version, `name@hash` of its files; an enrichment is recomputed only
+    when these or its inputs change."""
+
     model_config = ConfigDict(frozen=True)
 
     segmentation: str
     tagging: str
     embedding: str
+    image_embedding: str | None = Field(
+        default=None,
+        description="The tagger's version with the pooling, `name@hash+avgpool`; absent in "
+        "enrichments made before image embeddings.",
+    )
 
 
 class EnrichmentCompleted(BaseModel):
@@ -152,7 +160,16 @@ class EnrichmentCompleted(BaseModel):
     reason: str | None = Field(default=None, description="Why the enrichment failed.")
     images: list[ImageResult] = Field(default_factory=list)
     embedding: EmbeddingInfo | None = None
+    image_embedding: EmbeddingInfo | None = Field(
+        default=None, description="The image space: one vector per image and per product."
+    )
     model_versions: ModelVersions
+    reused_from: UUID | None = Field(
+        default=None,
+        description="Set when no model ran: the product's text, images (by sha256) and model "
+        "versions equal those of its latest enrichment, caused by this product-created event "
+        "id; `images` repeats that enrichment's results and no new rows or masks were written.",
+    )
     timings_ms: dict[str, float] = Field(
         default_factory=dict, description="Milliseconds per stage and in total."
     )

@@ -1,7 +1,8 @@
 """The similarity service: `GET /products/{id}/similar` and `GET /search?q=` (`enrich serve`).
 
-Both answer from worker/similarity.py. The text embedder is loaded once, at startup, from
-the same model folder as the worker's, so that a query text lands in the products' space.
+Both answer from worker/similarity.py; `?space=image` compares products by their photos.
+The text embedder is loaded once, at startup, from the same model folder as the worker's,
+so that a query text lands in the products' space.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import psycopg
 import structlog
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 
-from schemas.queries import SimilarityQuery, SimilarityResults
+from schemas.queries import SimilarityQuery, SimilarityResults, Space
 from schemas.settings import Settings
 from worker import similarity
 from worker.stores import database
@@ -64,10 +65,15 @@ def similarity_query(
         list[str], Query(description="Only products whose event carried all these attributes.")
     ] = [],  # noqa: B006
     model_version: Annotated[
-        str | None, Query(description="The embedding space; unset means the current one.")
+        str | None, Query(description="The model version; unset means the space's current one.")
     ] = None,
+    space: Annotated[
+        Space, Query(description="Compare text embeddings or image embeddings (by product).")
+    ] = Space.TEXT,
 ) -> SimilarityQuery:
-    return SimilarityQuery(k=k, labels=label, attributes=attribute, model_version=model_version)
+    return SimilarityQuery(
+        k=k, labels=label, attributes=attribute, model_version=model_version, space=space
+    )
 
 
 Conn = Annotated[psycopg.Connection[Any], Depends(connection)]
@@ -80,8 +86,10 @@ def similar(product_id: str, conn: Conn, query: Filters) -> SimilarityResults:
         found = similarity.similar_to_product(conn, product_id, query)
     except similarity.SimilarityNotFound as error:
         raise HTTPException(status_code=404, detail=str(error)) from error
+    except ValueError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from error
 
-    return _results(found)
+    return _results(found, query.space)
 
 
 def search(
@@ -98,9 +106,9 @@ def search(
     except ValueError as error:
         raise HTTPException(status_code=422, detail=str(error)) from error
 
-    return _results(found)
+    return _results(found, query.space)
 
 
-def _results(found: list[similarity.SimilarProduct]) -> SimilarityResults:
+def _results(found: list[similarity.SimilarProduct], space: Space) -> SimilarityResults:
     version = found[0].model_version if found else None
-    return SimilarityResults(model_version=version, results=found)
+    return SimilarityResults(model_version=version, space=space, results=found)

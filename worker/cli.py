@@ -155,21 +155,31 @@ def similar(
         list[str] | None, typer.Option(help="Only products with this attribute.")
     ] = None,
     model_version: Annotated[
-        str | None, typer.Option(help="The embedding space; unset means the current one.")
+        str | None, typer.Option(help="The model version; unset means the space's current one.")
     ] = None,
+    space: Annotated[
+        str, typer.Option(help="text or image: compare text embeddings or photo embeddings.")
+    ] = "text",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Products most similar to a product, or to a text (`--text`)."""
-    from schemas.queries import SimilarityQuery
+    from schemas.queries import SimilarityQuery, Space
     from worker.similarity_cli import print_similar
 
     if (product_id is None) == (text is None):
         typer.echo("give either PRODUCT_ID or --text", err=True)
         raise typer.Exit(2)
+    if space not in set(Space):
+        typer.echo(f"--space must be one of {', '.join(Space)}, got {space[:40]!r}", err=True)
+        raise typer.Exit(2)
 
     _setup_logging()
     query = SimilarityQuery(
-        k=k, labels=label or [], attributes=attribute or [], model_version=model_version
+        k=k,
+        labels=label or [],
+        attributes=attribute or [],
+        model_version=model_version,
+        space=Space(space),
     )
     raise typer.Exit(print_similar(get_settings(), query, product_id, text, as_json=as_json))
 

@@ -3,6 +3,7 @@ publish. Celery-free, so that the same steps serve the worker, the demo and the 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 
 from handlers.base import Segmentation, Stage, Tags
 from handlers.embedding import product_text
+from handlers.image_embedding import product_image_embedding
 from schemas.events import (
     EmbeddingInfo,
     EnrichmentCompleted,
@@ -79,22 +81,33 @@ class Enrichment:
 
 
 def enrich(event: ProductCreated, resources: Resources) -> Enrichment:
-    """Run every stage on one product and write its masks; rows are written by `commit`."""
+    """Run every stage on one product and write its masks; rows are written by `commit`.
+
+    When the product's latest enriched enrichment had the same inputs (text and image
+    hashes) and model versions, no model runs: the enrichment reuses those results.
+    """
     timings: dict[str, float] = {}
     models = resources.models
     started = time.perf_counter()
 
     with _timed(timings, "fetch"):
         images = [_fetch(url, resources) for url in (image.url for image in event.images)]
+    text = product_text(event.title, event.description, event.attributes)
+    inputs = input_sha256(text, [image.sha256 for image in images])
+
+    with resources.database() as conn, conn.transaction():
+        found = database.reusable_enrichment(conn, event.product_id, inputs, models.versions)
+    if found is not None:
+        return _reused(event, found, inputs, models, timings, started)
+
     pixels = [image.pixels for image in images]
     metrics.batch_started(len(pixels))
-
     with _timed(timings, Stage.SEGMENTATION):
         segmentations = models.segmenter.segment(pixels)
+    # Tags and image embeddings come from one forward pass of the tagger.
     with _timed(timings, Stage.TAGGING):
-        tags = models.tagger.tag(pixels)
+        tags, image_embeddings = models.tagger.tag_and_embed(pixels)
     with _timed(timings, Stage.EMBEDDING):
-        text = product_text(event.title, event.description, event.attributes)
         embedding = models.embedder.embed([text])[0]
 
     with _timed(timings, "masks"):
@@ -105,7 +118,48 @@ def enrich(event: ProductCreated, resources: Resources) -> Enrichment:
     timings["total"] = _ms_since(started)
     metrics.enrichment_timed(timings["total"])
 
-    completed = EnrichmentCompleted(
+    completed = _completed(event, models, results, timings)
+    rows = database.EnrichmentRows(
+        product=event,
+        completed=completed,
+        embedding=embedding,
+        image_embeddings=image_embeddings,
+        product_image_embedding=product_image_embedding(image_embeddings),
+        input_sha256=inputs,
+    )
+    return Enrichment(rows=rows, timings_ms=timings)
+
+
+def input_sha256(text: str, image_sha256s: list[str]) -> str:
+    """The hash of what the models see: the embedded product text and the images in order."""
+    digest = hashlib.sha256(b"enrichment-inputs/1\n")
+    digest.update(text.encode())
+    for image_sha256 in image_sha256s:
+        digest.update(b"\n" + image_sha256.encode())
+    return digest.hexdigest()
+
+
+def _reused(
+    event: ProductCreated,
+    found: database.ReusableEnrichment,
+    inputs: str,
+    models: Models,
+    timings: dict[str, float],
+    started: float,
+) -> Enrichment:
+    """This event's enrichment as a reuse of `found`: no model ran, no mask was written."""
+    timings["total"] = _ms_since(started)
+    completed = _completed(event, models, [], timings)
+    rows = database.EnrichmentRows(
+        product=event, completed=completed, embedding=None, input_sha256=inputs
+    )
+    return Enrichment(rows=database.as_reuse(rows, found), timings_ms=timings)
+
+
+def _completed(
+    event: ProductCreated, models: Models, results: list[ImageResult], timings: dict[str, float]
+) -> EnrichmentCompleted:
+    return EnrichmentCompleted(
         event_type=EventType.PRODUCT_ENRICHED,
         causation_id=event.event_id,
         product_id=event.product_id,
@@ -114,11 +168,12 @@ def enrich(event: ProductCreated, resources: Resources) -> Enrichment:
         embedding=EmbeddingInfo(
             model_id=models.embedder.model_id, dimension=models.embedder.dimension
         ),
+        image_embedding=EmbeddingInfo(
+            model_id=models.image_embedder.model_id, dimension=models.image_embedder.dimension
+        ),
         model_versions=models.versions,
         timings_ms=timings,
     )
-    rows = database.EnrichmentRows(product=event, completed=completed, embedding=embedding)
-    return Enrichment(rows=rows, timings_ms=timings)
 
 
 def failed(
@@ -143,20 +198,23 @@ def commit(enrichment: Enrichment, resources: Resources, producer: Producer) -> 
     """Write the rows and the completion event in one transaction, then relay the outbox.
 
     Returns False when the event had already been written (a redelivery): nothing is
-    written twice, and a completion event a crash left in the outbox goes out now.
+    written twice, and a completion event a crash left in the outbox goes out now. When
+    another event wrote the same results meanwhile, `enrichment` becomes a reuse of them.
     """
     with resources.database() as conn:
         with conn.transaction():
-            enrichment_id = database.write_enrichment(conn, enrichment.rows)
-            if enrichment_id is not None:
-                outbox.add(conn, resources.settings.exchange, enrichment.completed)
+            written = database.write_enrichment(conn, enrichment.rows)
+            if written is not None:
+                outbox.add(conn, resources.settings.exchange, written.rows.completed)
+        if written is not None:
+            enrichment.rows = written.rows
 
         try:
             outbox.relay(conn, producer)
         except (KombuOperationalError, ConnectionError) as exc:
             raise TransientFault(f"broker unavailable: {exc}") from exc
 
-    return enrichment_id is not None
+    return written is not None
 
 
 def _fetch(url: str, resources: Resources) -> DecodedImage:
@@ -178,7 +236,8 @@ def _image_result(
         mask = _mask_at(segmentation, index, image)
         key = objects.mask_key(product_id, image.sha256, version, index)
         uri = objects.put_mask(resources.s3_client, bucket, key, objects.encode_mask_png(mask))
-        box = tuple(float(v) for v in segmentation.pred_boxes[index])
+        # Rounded as the database's real columns give them back to a reused enrichment.
+        box = tuple(round(float(v), 2) for v in segmentation.pred_boxes[index])
         masks.append(
             MaskResult(
                 label=segmentation.pred_classes[index],

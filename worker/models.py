@@ -1,4 +1,4 @@
-"""The three models, loaded once per worker process, after the fork, under a lock."""
+"""The models, loaded once per worker process, after the fork, under a lock."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass
 
 from handlers.embedding import TextEmbedder, default_embedding_model_dir
+from handlers.image_embedding import ImageEmbedder
 from handlers.segmentation import Segmenter, load_segmenter
 from handlers.tagging import Tagger
 from schemas.events import ModelVersions
@@ -20,6 +21,8 @@ class Models:
     segmenter: Segmenter
     tagger: Tagger
     embedder: TextEmbedder
+    image_embedder: ImageEmbedder
+    """Reads the tagger's backbone: enrichment gets its vectors from `tagger.tag_and_embed`."""
 
     @property
     def versions(self) -> ModelVersions:
@@ -27,6 +30,7 @@ class Models:
             segmentation=self.segmenter.model_version,
             tagging=self.tagger.model_version,
             embedding=self.embedder.model_version,
+            image_embedding=self.image_embedder.model_version,
         )
 
 
@@ -41,7 +45,9 @@ def load_models(settings: ModelSettings) -> Models:
     tagger = Tagger(model_dir=settings.tagger_dir, device=settings.device)
     embedder = TextEmbedder.from_settings(settings)
 
-    return Models(segmenter=segmenter, tagger=tagger, embedder=embedder)
+    return Models(
+        segmenter=segmenter, tagger=tagger, embedder=embedder, image_embedder=ImageEmbedder(tagger)
+    )
 
 
 def missing_model_folders(settings: ModelSettings) -> list[str]:
@@ -73,6 +79,7 @@ def current_model_versions(settings: ModelSettings) -> ModelVersions:
     from handlers.base import model_version
     from handlers.embedding import _model_id as embedding_model_id
     from handlers.embedding import read_pooling
+    from handlers.image_embedding import image_embedding_version
     from handlers.tagging import CONFIG_FILE, TaggerConfig
 
     if settings.segmentation_backend == SegmentationBackend.DETECTRON2:
@@ -92,4 +99,5 @@ def current_model_versions(settings: ModelSettings) -> ModelVersions:
         embedding=model_version(
             f"{embedding_model_id(embedding_dir)}:{pooling.name}", embedding_dir
         ),
+        image_embedding=image_embedding_version(tagging),
     )

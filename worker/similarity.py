@@ -1,6 +1,7 @@
-"""Similarity queries: by product, by embedding, by text; with label and attribute filters.
+"""Similarity queries: by product, by embedding, by text; with label and attribute filters;
+in the text space or the image space.
 
-The work is done by the SQL functions of migration 0004 (`similar_products`,
+The work is done by the SQL functions of migrations 0004 and 0006 (`similar_products`,
 `similar_to_embedding`), which other services may call directly; these functions are their
 Python client, used by `enrich similar` and by the HTTP service (worker/api.py).
 """
@@ -15,10 +16,10 @@ import psycopg
 import psycopg.errors
 import structlog
 
-from schemas.queries import SimilarityQuery, SimilarProduct
+from schemas.queries import SimilarityQuery, SimilarProduct, Space
 from schemas.settings import Settings
 
-__all__ = ["SimilarProduct", "SimilarityNotFound", "SimilarityQuery", "TextEncoder"]
+__all__ = ["SimilarProduct", "SimilarityNotFound", "SimilarityQuery", "Space", "TextEncoder"]
 
 log = structlog.get_logger(__name__)
 
@@ -41,10 +42,16 @@ def similar_to_product(
     """The k products nearest to one product, itself excluded."""
     rows = _run(
         conn,
-        "SELECT * FROM similar_products(%s, %s, %s::text[], %s::text[], %s, %s, %s)",
-        (product_id, *_arguments(query)),
+        "SELECT * FROM similar_products(%s, %s, %s::text[], %s::text[], %s, %s, %s, space => %s)",
+        (product_id, *_arguments(query), str(query.space)),
     )
-    log.debug("similar_to_product", product_id=product_id, k=query.k, num_results=len(rows))
+    log.debug(
+        "similar_to_product",
+        product_id=product_id,
+        space=str(query.space),
+        k=query.k,
+        num_results=len(rows),
+    )
     return rows
 
 
@@ -53,13 +60,14 @@ def similar_to_embedding(
     embedding: npt.NDArray[np.float32],
     query: SimilarityQuery,
 ) -> list[SimilarProduct]:
-    """The k products nearest to an embedding (D,) float32 of the queried model version."""
+    """The k products nearest to an embedding (D,) float32 of the queried space and version."""
     rows = _run(
         conn,
-        "SELECT * FROM similar_to_embedding(%s, %s, %s::text[], %s::text[], %s, NULL, %s, %s)",
-        (embedding, *_arguments(query)),
+        "SELECT * FROM similar_to_embedding("
+        "%s, %s, %s::text[], %s::text[], %s, NULL, %s, %s, space => %s)",
+        (embedding, *_arguments(query), str(query.space)),
     )
-    log.debug("similar_to_embedding", k=query.k, num_results=len(rows))
+    log.debug("similar_to_embedding", space=str(query.space), k=query.k, num_results=len(rows))
     return rows
 
 
@@ -68,8 +76,14 @@ def similar_to_text(
 ) -> list[SimilarProduct]:
     """The k products nearest to a text, embedded with the encoder the products were.
 
-    The encoder fixes the model version: a query naming another one is an error.
+    The encoder fixes the model version: a query naming another one, or the image space,
+    is an error.
     """
+    if query.space != Space.TEXT:
+        raise ValueError(
+            f"space {str(query.space)!r} cannot be searched by text: a text query lands in "
+            "the text space; query the image space by product"
+        )
     if query.model_version not in (None, encoder.model_version):
         raise ValueError(
             f"model_version {query.model_version!r} cannot be searched by text: the loaded "
@@ -89,9 +103,11 @@ def load_text_encoder(settings: Settings) -> TextEncoder:
     return TextEmbedder(model_dir=model_dir, device=settings.models.device)
 
 
-def current_model_version(conn: psycopg.Connection[Any]) -> str | None:
-    """The model version queries use by default (see similarity_model_version in SQL)."""
-    row = conn.execute("SELECT model_version FROM similarity_model_version()").fetchone()
+def current_model_version(conn: psycopg.Connection[Any], space: Space = Space.TEXT) -> str | None:
+    """The model version queries of `space` use by default (similarity_model_version in SQL)."""
+    row = conn.execute(
+        "SELECT model_version FROM similarity_model_version(%s)", (str(space),)
+    ).fetchone()
     return None if row is None else str(row[0])
 
 

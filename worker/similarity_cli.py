@@ -26,7 +26,9 @@ def print_similar(
         return 1
 
     results = SimilarityResults(
-        model_version=found[0].model_version if found else None, results=found
+        model_version=found[0].model_version if found else None,
+        space=query.space,
+        results=found,
     )
     if as_json:
         typer.echo(results.model_dump_json(indent=2))
@@ -34,7 +36,9 @@ def print_similar(
 
     for item in found:
         typer.echo(f"{item.product_id:<24} {item.distance:.4f}  {item.title[:60]}")
-    typer.echo(f"{len(found)} products in model version {results.model_version}")
+    typer.echo(
+        f"{len(found)} products in the {results.space} space, model version {results.model_version}"
+    )
     return 0
 
 

@@ -56,8 +56,12 @@ def process_resources() -> Resources:
                 fetcher=ImageFetcher(client, settings.s3, settings.images),
             )
             embedder = _resources.models.embedder
+            image_embedder = _resources.models.image_embedder
             with _resources.database() as conn:
                 database.ensure_embedding_index(conn, embedder.model_version, embedder.dimension)
+                database.ensure_embedding_index(
+                    conn, image_embedder.model_version, image_embedder.dimension
+                )
         return _resources
 
 
@@ -116,6 +120,7 @@ def enrich_product(self: Task, event: dict[str, Any]) -> str:
         images=len(completed.images),
         masks=sum(len(image.masks) for image in completed.images),
         duplicate=not written,
+        reused=completed.reused_from is not None,
         duration_ms=completed.timings_ms.get("total"),
         task_ms=round((time.perf_counter() - started) * 1000, 1),
     )

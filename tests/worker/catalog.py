@@ -40,11 +40,12 @@ def add_products(
     *,
     labels: Mapping[str, Sequence[str]] | None = None,
     attributes: Mapping[str, Sequence[str]] | None = None,
+    space: str = "text",
 ) -> None:
     """One enriched enrichment per product with one image, its labels and its embedding.
 
-    `embeddings` maps product ids to (D,) vectors; a product already present gets another
-    enrichment, so that a second model version can be added later.
+    `embeddings` maps product ids to (D,) vectors of `space`; a product already present gets
+    another enrichment, so that a second model version (or space) can be added later.
     """
     labels = labels or {}
     attributes = attributes or {}
@@ -73,8 +74,8 @@ def add_products(
             )
             cur.execute(
                 "INSERT INTO embeddings (product_id, model_id, model_version, dimension,"
-                " embedding, enrichment_id) VALUES (%s, 'emb', %s, %s, %s, %s)",
-                (product_id, model_version, len(embedding), embedding, enrichment_id),
+                " embedding, enrichment_id, space) VALUES (%s, 'emb', %s, %s, %s, %s, %s)",
+                (product_id, model_version, len(embedding), embedding, enrichment_id, space),
             )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -19,6 +20,13 @@ TITLES = {
     "boots": "Brown leather ankle boots",
     "dress": "Red floral summer dress",
     "shirt": "White cotton oxford shirt",
+}
+IMAGE_VERSION = "tagger@1+avgpool"
+IMAGE_EMBEDDINGS = {  # by their photos, the boots look most like the wide jeans
+    "jeans-slim": np.array([0.8, 0.6, 0.0], np.float32),
+    "jeans-wide": np.array([0.6, 0.8, 0.0], np.float32),
+    "boots": np.array([0.0, 1.0, 0.0], np.float32),
+    "dress": np.array([0.0, 0.0, 1.0], np.float32),
 }
 LABELS = {"jeans-slim": ["jeans", "slim"], "jeans-wide": ["jeans"], "boots": ["shoes"]}
 ATTRIBUTES = {"jeans-slim": ["blue"], "jeans-wide": ["blue"], "shirt": ["white"]}
@@ -37,6 +45,7 @@ def client(stack: LocalStack, embedder: TextEmbedder) -> Iterator[TestClient]:
             add_products(
                 conn, embedder.model_version, embeddings, labels=LABELS, attributes=ATTRIBUTES
             )
+            add_products(conn, IMAGE_VERSION, IMAGE_EMBEDDINGS, labels=LABELS, space="image")
         app = create_app(database_url=url, load_encoder=lambda: embedder)
         with TestClient(app) as test_client:
             yield test_client
@@ -59,6 +68,7 @@ def test_search_by_text_embeds_the_query_in_the_products_space(
     assert response.status_code == 200
     assert response.json() == {
         "model_version": embedder.model_version,
+        "space": "text",
         "results": [
             {
                 "product_id": "boots",
@@ -97,3 +107,33 @@ def test_the_openapi_schema_has_both_paths(client: TestClient) -> None:
     assert {"/products/{product_id}/similar", "/search"} <= set(schema["paths"])
     parameters = {p["name"] for p in schema["paths"]["/search"]["get"]["parameters"]}
     assert {"q", "k", "label", "attribute", "model_version"} <= parameters
+
+
+def test_similar_in_the_image_space_ranks_by_the_products_photos(client: TestClient) -> None:
+    response = client.get("/products/boots/similar", params={"k": 2, "space": "image"})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["space"] == "image" and body["model_version"] == IMAGE_VERSION
+    assert [r["product_id"] for r in body["results"]] == ["jeans-wide", "jeans-slim"]
+
+
+def test_image_space_filters_keep_only_products_with_all_labels(client: TestClient) -> None:
+    response = client.get(
+        "/products/boots/similar", params={"space": "image", "label": ["jeans", "slim"]}
+    )
+
+    assert [r["product_id"] for r in response.json()["results"]] == ["jeans-slim"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [("/search", {"q": "boots", "space": "image"}), ("/products/boots/similar", {"space": "x"})],
+    ids=["text search in the image space", "unknown space"],
+)
+def test_a_query_outside_the_spaces_it_can_search_is_422(
+    client: TestClient, path: str, params: dict[str, str]
+) -> None:
+    response = client.get(path, params=params)
+
+    assert response.status_code == 422

@@ -202,3 +202,49 @@ def test_an_event_that_keeps_killing_its_worker_is_dead_lettered_not_redelivered
         h["x-error-kind"] == "abandoned" and json.loads(body)["event_id"] == event["event_id"]
         for h, body in parked
     )
+
+
+def test_a_product_published_again_unchanged_is_answered_from_its_first_enrichment(
+    stack: LocalStack, s3: objects.S3Client, listener: CompletionListener, datasets: Path
+) -> None:
+    photo = datasets / "ccp" / "photos" / JEANS_PHOTO
+    event = event_for(upload(s3, f"e2e/{uuid.uuid4().hex}.jpg", photo.read_bytes()))
+    again = {**event, "event_id": str(uuid.uuid4())}
+
+    publish(stack, json.dumps(event))
+    first = completions_of(listener, event)
+    publish(stack, json.dumps(again))
+    second = completions_of(listener, again)
+
+    assert len(first) == 1 and len(second) == 1
+    assert first[0]["reused_from"] is None
+    assert second[0]["reused_from"] == event["event_id"]
+    assert second[0]["images"] == first[0]["images"]
+    with database.connect(stack.settings.database_url.get_secret_value()) as conn:
+        counts = conn.execute(
+            "SELECT count(DISTINCT e.enrichment_id), count(i.image_index) FROM enrichments e"
+            " LEFT JOIN images i USING (enrichment_id) WHERE e.product_id = %s",
+            (event["product_id"],),
+        ).fetchone()
+    assert counts == (2, 1)
+
+
+def test_an_event_published_twice_writes_one_set_of_rows_and_one_completion_event(
+    stack: LocalStack, s3: objects.S3Client, listener: CompletionListener, datasets: Path
+) -> None:
+    photo = next((datasets / "clothing-small" / "validation" / "dress").glob("*.jpg"))
+    event = event_for(upload(s3, f"e2e/{uuid.uuid4().hex}.jpg", photo.read_bytes()))
+
+    publish(stack, json.dumps(event), json.dumps(event))
+    completions = completions_of(listener, event)
+    listener.wait_until(lambda received: False, timeout_s=10)  # time for the duplicate
+
+    assert len([c for c in listener.received if c["causation_id"] == event["event_id"]]) == 1
+    assert completions[0]["status"] == "enriched"
+    with database.connect(stack.settings.database_url.get_secret_value()) as conn:
+        counts = conn.execute(
+            "SELECT count(DISTINCT e.enrichment_id), count(i.image_index) FROM enrichments e"
+            " LEFT JOIN images i USING (enrichment_id) WHERE e.product_id = %s",
+            (event["product_id"],),
+        ).fetchone()
+    assert counts == (1, 1)
