@@ -344,6 +344,19 @@ def expand_backfill_chunk(
     try:
         expansion = expand_chunk(chunk, settings)
     except TransientFault as exc:
+        if self.request.retries >= MAX_RETRIES:
+            reason = f"{exc} (still failing after {MAX_RETRIES} retries)"
+            with app.producer_or_acquire() as producer:
+                dead_letter(
+                    producer,
+                    settings,
+                    json.dumps(chunk.model_dump()).encode(),
+                    kind="abandoned_backfill_chunk",
+                    reason=reason,
+                    routing_key="enrichment.expand_backfill_chunk",
+                )
+            log.error("backfill_chunk_abandoned", reason=reason, outcome="dead_lettered")
+            return {"status": "abandoned", "reason": reason}
         log.warning("backfill_chunk_retried", reason=str(exc), attempt=self.request.retries + 1)
         raise self.retry(exc=exc, countdown=backoff_s(self.request.retries)) from exc
 

@@ -521,6 +521,30 @@ def test_a_chunk_without_event_ids_is_dead_lettered(
     assert "event 0 has no event_id UUID" in letters[-1].reason
 
 
+def test_a_chunk_that_cannot_be_published_after_the_last_retry_is_dead_lettered(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import tasks
+    from worker.dlq import list_dead_letters
+    from worker.servers import free_port
+
+    closed = settings.model_copy(
+        update={"broker_url": SecretStr(f"amqp://guest:guest@127.0.0.1:{free_port()}//")}
+    )
+    monkeypatch.setattr(tasks, "get_settings", lambda: closed)
+    event = {"product_id": "p", "event_id": str(event_id_for("x", "p"))}
+
+    result = tasks.expand_backfill_chunk.apply(
+        kwargs={"run_id": "x", "events": [event]}, retries=tasks.MAX_RETRIES
+    ).get()
+
+    assert result["status"] == "abandoned"
+    letters = [
+        d for d in list_dead_letters(settings, limit=100) if d.kind == "abandoned_backfill_chunk"
+    ]
+    assert "RabbitMQ does not answer" in letters[-1].reason
+
+
 @pytest.mark.slow
 def test_current_model_versions_are_the_loaded_models_versions(stack: LocalStack) -> None:
     from worker.models import current_model_versions, load_models
