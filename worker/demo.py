@@ -196,16 +196,17 @@ def _print_stage_times(completions: list[dict[str, Any]]) -> None:
 
 
 def _print_similarity(stack: LocalStack, chosen: list[tuple[ProductCreated, Path]]) -> None:
-    from schemas.queries import SimilarityQuery
+    from schemas.queries import SimilarityQuery, Space
     from worker.similarity import similar_to_product
     from worker.stores import database
 
     target = chosen[0][0]
-    with database.connect(stack.settings.database_url.get_secret_value()) as conn:
-        similar = similar_to_product(conn, target.product_id, SimilarityQuery(k=3))
-    print(f"\nproducts most similar to {target.product_id} ({target.title!r}):")
-    for item in similar:
-        print(f"  {item.product_id:<22} {item.title:<32} cosine distance {item.distance:.3f}")
+    for space in Space:
+        with database.connect(stack.settings.database_url.get_secret_value()) as conn:
+            similar = similar_to_product(conn, target.product_id, SimilarityQuery(k=3, space=space))
+        print(f"\nproducts most similar to {target.product_id} ({target.title!r}), by {space}:")
+        for item in similar:
+            print(f"  {item.product_id:<22} {item.title:<32} cosine distance {item.distance:.3f}")
 
 
 def _render(stack: LocalStack, completions: list[dict[str, Any]], out: Path) -> None:
