@@ -1,5 +1,6 @@
-"""One product's enrichment: fetch, decode, segment, tag, embed, write masks, write rows,
-publish. Celery-free, so that the same steps serve the worker, the demo and the tests."""
+"""One product's enrichment: fetch, decode, reuse an unchanged one, segment, tag and embed the
+images, embed the text, write masks, write rows, publish. Celery-free, so that the same steps
+serve the worker, the demo and the tests."""
 
 from __future__ import annotations
 
