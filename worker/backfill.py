@@ -565,8 +565,6 @@ def _run_pass(
                 if in_flight is not None:
                     _confirm_chunk(conn, publisher, run_id, in_flight, counts)
                 in_flight, batch = sent, ahead
-                if batch is not None:
-                    asked = _ask(conn, run_id, versions, batch, counts, in_flight)
                 # The chunk read ahead is left for the continuation, which reads it again.
                 if batch is not None and deadline is not None and time.monotonic() > deadline:
                     _confirm_chunk(conn, publisher, run_id, in_flight, counts)
@@ -581,6 +579,8 @@ def _run_pass(
                         **counts.as_dict(),
                     )
                     return outcome
+                if batch is not None:
+                    asked = _ask(conn, run_id, versions, batch, counts, in_flight)
                 if on_chunk is not None:
                     on_chunk(
                         BackfillOutcome(

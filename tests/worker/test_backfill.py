@@ -368,7 +368,7 @@ def test_the_celery_task_submits_in_slices_that_continue_the_run(
     first = tasks.start_backfill.apply(kwargs={"request": request}).get()
     second = tasks.start_backfill.apply(kwargs=continued[0]).get()
 
-    assert (first["status"], first["submitted"]) == ("continued", 2)
+    assert (first["status"], first["submitted"], first["read"]) == ("continued", 2, 2)
     assert (second["status"], second["submitted"], second["run_id"]) == (
         "finished",
         1,
