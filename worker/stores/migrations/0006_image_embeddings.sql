@@ -134,8 +134,9 @@ BEGIN
     IF chosen IS NULL THEN
         SELECT v.model_version, v.dimension INTO chosen, dim FROM similarity_model_version(space) v;
     ELSE
-        SELECT min(e.dimension) INTO dim FROM embeddings e
-        WHERE e.model_version = chosen AND e.space = similar_to_embedding.space;
+        -- One row tells the dimension; min() over the version would read all of its rows.
+        SELECT e.dimension INTO dim FROM embeddings e
+        WHERE e.model_version = chosen AND e.space = similar_to_embedding.space LIMIT 1;
     END IF;
     IF dim IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'P0002', MESSAGE = format(
