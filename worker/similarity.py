@@ -97,10 +97,10 @@ def similar_to_text(
 
 def load_text_encoder(settings: Settings) -> TextEncoder:
     """The worker's embedding model, so that query texts land in the products' space."""
-    from handlers.embedding import TextEmbedder, default_embedding_model_dir
+    from handlers.embedding import TextEmbedder
 
-    model_dir = settings.models.embedding_dir or default_embedding_model_dir()
-    return TextEmbedder(model_dir=model_dir, device=settings.models.device)
+    # The same folder, pooling and windows as the worker: another pooling is another space.
+    return TextEmbedder.from_settings(settings.models)
 
 
 def current_model_version(conn: psycopg.Connection[Any], space: Space = Space.TEXT) -> str | None:

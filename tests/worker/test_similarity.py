@@ -303,3 +303,14 @@ def test_a_text_query_cannot_search_the_image_space(two_spaces: psycopg.Connecti
         similarity.similar_to_text(
             two_spaces, Encoder(), "slim jeans", SimilarityQuery(space=Space.IMAGE)
         )
+
+
+def test_query_texts_are_embedded_with_the_workers_pooling() -> None:
+    from schemas.settings import EmbeddingPooling, ModelSettings, Settings
+    from worker.models import current_model_versions
+
+    models = ModelSettings(embedding_pooling=EmbeddingPooling.MEAN_LAST_LAYER)
+
+    encoder = similarity.load_text_encoder(Settings(models=models))
+
+    assert encoder.model_version == current_model_versions(models).embedding
