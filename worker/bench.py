@@ -270,7 +270,7 @@ def outside_models_ms(
 def peak_rss_bytes(pid: int) -> int:
     """Peak resident memory (VmHWM) of `pid` and its children, summed (Linux /proc)."""
     total = 0
-    for process in [pid, *_children(pid)]:
+    for process in [pid, *children_of(pid)]:
         try:
             status = Path(f"/proc/{process}/status").read_text()
         except OSError:
@@ -380,7 +380,8 @@ def _task_ms(log_file: Path) -> dict[str, float]:
     return found
 
 
-def _children(pid: int) -> list[int]:
+def children_of(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (a prefork worker's pool processes)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:

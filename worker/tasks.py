@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from celery import Task
@@ -72,17 +72,29 @@ def backoff_s(retries: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+ProductEvent = TypeVar("ProductEvent", ProductCreated, ProductDeleted)
+
+
+def _start(contract: type[ProductEvent], event: dict[str, Any], task_id: str) -> ProductEvent:
+    """Validate a task's event and bind its ids to every log line the task writes."""
+    try:
+        product_event = contract.model_validate(event)
+    except ValidationError as exc:
+        raise InvalidEvent("event", event, str(exc)) from exc
+
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(
+        event_id=str(product_event.event_id),
+        product_id=product_event.product_id,
+        task_id=task_id,
+    )
+    return product_event
+
+
 @app.task(bind=True, name="enrichment.enrich_product", max_retries=MAX_RETRIES)
 def enrich_product(self: Task, event: dict[str, Any]) -> str:
     started = time.perf_counter()
-    try:
-        product = ProductCreated.model_validate(event)
-    except ValidationError as exc:
-        raise InvalidEvent("event", event, str(exc)) from exc
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(
-        event_id=str(product.event_id), product_id=product.product_id, task_id=self.request.id
-    )
+    product = _start(ProductCreated, event, self.request.id)
     metrics.event_started(product.occurred_at, attempt=self.request.retries)
     try:
         resources = process_resources()
@@ -202,14 +214,7 @@ def delete_product(self: Task, event: dict[str, Any]) -> str:
     Safe to run twice: a redelivered event, or one for an unknown product, deletes nothing
     and leaves the tombstone. It loads no model.
     """
-    try:
-        deleted = ProductDeleted.model_validate(event)
-    except ValidationError as exc:
-        raise InvalidEvent("event", event, str(exc)) from exc
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(
-        event_id=str(deleted.event_id), product_id=deleted.product_id, task_id=self.request.id
-    )
+    deleted = _start(ProductDeleted, event, self.request.id)
 
     settings = get_settings()
     try:

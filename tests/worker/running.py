@@ -69,19 +69,6 @@ def http_get(port: int, path: str) -> tuple[int, bytes]:
         return 0, b""
 
 
-def children_of(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (a prefork worker's pool processes)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def json_lines(log_file: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The log's JSON objects, and the lines that are not JSON."""
     parsed, other = [], []

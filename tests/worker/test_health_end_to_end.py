@@ -13,7 +13,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.worker.running import (
-    children_of,
     events_for,
     http_get,
     json_lines,
@@ -21,6 +20,7 @@ from tests.worker.running import (
     validation_photos,
     wait_until,
 )
+from worker.bench import children_of
 from worker.local import CompletionListener, LocalStack, worker_process
 from worker.servers import free_port
 
