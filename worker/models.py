@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from handlers.base import ModelLoadError
 from handlers.embedding import TextEmbedder, default_embedding_model_dir
 from handlers.image_embedding import ImageEmbedder
 from handlers.segmentation import Segmenter, load_segmenter
@@ -35,7 +36,24 @@ class Models:
 
 
 def load_models(settings: ModelSettings) -> Models:
-    """Load every stage's model from its folder; each stage logs its own load."""
+    """Load every stage's model from its folder; each stage logs its own load.
+
+    Every failure is a ModelLoadError, so that the worker stops and hands its message back
+    instead of taking events it cannot enrich: a stage names its own faults, and anything
+    else (no CUDA driver for ENRICH_MODELS__DEVICE=cuda, an unknown device) is wrapped here.
+    """
+    try:
+        return _load_models(settings)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load the models with ENRICH_MODELS__DEVICE={settings.device or '(unset)'}: "
+            f"{exc!r}"
+        ) from exc
+
+
+def _load_models(settings: ModelSettings) -> Models:
     segmenter = load_segmenter(
         settings.segmentation_backend,
         settings.segmenter_dir,
