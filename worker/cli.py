@@ -5,13 +5,61 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from schemas.settings import REPO_ROOT, get_settings
 
-app = typer.Typer(
+
+class _Cli(typer.Typer):
+    """The `enrich` app: a fault the user fixes with a setting is told in one line that names
+    the setting, with exit code 2, instead of a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            message = _fixable(exc)
+            if message is None:
+                raise
+            typer.echo(f"enrich: {message}", err=True)
+            sys.exit(2)
+
+
+def _fixable(exc: Exception) -> str | None:
+    """What to tell about a fault of the settings or the servers they name; None otherwise."""
+    import amqp.exceptions
+    import kombu.exceptions
+    import psycopg
+    from pydantic_settings import SettingsError
+
+    from handlers.base import ModelLoadError
+    from worker.errors import TransientFault
+    from worker.local import BrokerUnreachable
+
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    if isinstance(exc, psycopg.OperationalError):
+        return f"the database at ENRICH_DATABASE_URL does not answer: {first_line}"
+    if isinstance(exc, psycopg.ProgrammingError) and "connection" in str(exc):
+        return f"ENRICH_DATABASE_URL is not a Postgres URL: {first_line}"
+    if isinstance(exc, amqp.exceptions.AccessRefused):
+        return f"the broker refused the user in ENRICH_BROKER_URL: {first_line}"
+    if isinstance(exc, kombu.exceptions.OperationalError | ConnectionError):
+        return f"the broker at ENRICH_BROKER_URL does not answer: {first_line}"
+    if isinstance(exc, TransientFault | BrokerUnreachable):
+        return first_line
+    if isinstance(exc, ModelLoadError):
+        return f"cannot load the models: {first_line}"
+    if isinstance(exc, SettingsError):
+        return (
+            f"a setting cannot be read: {first_line} (list settings take JSON, "
+            """e.g. ENRICH_IMAGES__HTTPS_HOSTS='["images.shop.example"]')"""
+        )
+    return None
+
+
+app = _Cli(
     help="Catalog enrichment worker: masks, labels and embeddings for product events.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -57,3 +61,43 @@ def test_the_worker_refuses_to_start_without_its_model_folders(
 
     assert result.exit_code == 2
     assert "ENRICH_MODELS__TAGGER_DIR=/nonexistent/tagger" in result.output
+
+
+def _enrich(*arguments: str, **environment: str) -> subprocess.CompletedProcess[str]:
+    """The installed `enrich` in a process of its own, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *arguments],
+        env={**os.environ, **environment},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environment", "named"),
+    [
+        (
+            ["migrate"],
+            {"ENRICH_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"},
+            "ENRICH_DATABASE_URL",
+        ),
+        (["migrate"], {"ENRICH_DATABASE_URL": "notaurl"}, "ENRICH_DATABASE_URL"),
+        (
+            ["dlq", "list"],
+            {"ENRICH_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//"},
+            "ENRICH_BROKER_URL",
+        ),
+        (["migrate"], {"ENRICH_IMAGES__HTTPS_HOSTS": "images.shop.example"}, "JSON"),
+    ],
+)
+def test_a_bad_setting_is_told_in_one_line_that_names_it(
+    arguments: list[str], environment: dict[str, str], named: str
+) -> None:
+    finished = _enrich(*arguments, **environment)
+
+    assert finished.returncode == 2
+    assert "Traceback" not in finished.stderr
+    (line,) = [line for line in finished.stderr.splitlines() if line.startswith("enrich: ")]
+    assert named in line
