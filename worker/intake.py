@@ -44,8 +44,13 @@ def parse_intake_event(body: bytes | str) -> ProductCreated | ProductDeleted:
     """Validate one intake message: a product-deleted event when `event_type` says so, else
     a product-created event (whose errors name the field, as `parse_event`'s do)."""
     payload = _json_object(body)
-    if payload.get("event_type") == EventType.PRODUCT_DELETED:
+    event_type = payload.get("event_type", _MISSING)
+    if event_type == EventType.PRODUCT_DELETED:
         return _validate(ProductDeleted, payload)
+    if event_type != EventType.PRODUCT_CREATED:
+        raise InvalidEvent(
+            "event_type", event_type, f"{EventType.PRODUCT_CREATED} or {EventType.PRODUCT_DELETED}"
+        )
     return _validate(ProductCreated, payload)
 
 

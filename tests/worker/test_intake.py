@@ -6,7 +6,7 @@ import pytest
 
 from tests.schemas.test_events import product_payload
 from worker.errors import InvalidEvent
-from worker.intake import parse_event
+from worker.intake import parse_event, parse_intake_event
 
 
 def test_parses_a_valid_event() -> None:
@@ -65,3 +65,14 @@ def test_a_missing_field_is_named_as_missing_not_shown_as_the_whole_event() -> N
 
     assert caught.value.field == "title"
     assert "missing" in caught.value.value
+
+
+def test_an_unknown_event_type_names_the_types_the_intake_takes() -> None:
+    body = json.dumps(product_payload(event_type="product.updated")).encode()
+
+    with pytest.raises(InvalidEvent) as caught:
+        parse_intake_event(body)
+
+    assert caught.value.field == "event_type"
+    assert "product.updated" in caught.value.value
+    assert caught.value.allowed == "product.created or product.deleted"
