@@ -272,7 +272,7 @@ def expand(
 @app.command()
 def demo(
     data: Annotated[Path, typer.Option(help="The shared datasets folder.")] = DEFAULT_CCP.parent,
-    products: Annotated[int, typer.Option(help="How many products to enrich.")] = 24,
+    products: Annotated[int, typer.Option(min=1, help="How many products to enrich.")] = 24,
     keep_servers: Annotated[
         bool, typer.Option(help="Leave Postgres and S3 running and print how to reach them.")
     ] = False,

@@ -74,13 +74,16 @@ def local_stack(root: Path, *, base: Settings | None = None) -> Iterator[LocalSt
     if not broker_reachable(broker):
         raise BrokerUnreachable(broker)
 
+    # Each run keeps its servers' files in a folder of its own, so that a second run (a demo
+    # while another keeps its servers) never removes the first one's data.
     run_id = uuid.uuid4().hex[:8]
-    shutil.rmtree(root, ignore_errors=True)
+    root = root / run_id
     root.mkdir(parents=True)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", LOCAL_S3_KEY)
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", LOCAL_S3_KEY)
 
     with ExitStack() as stack:
+        stack.callback(shutil.rmtree, root, ignore_errors=True)  # last, once the servers stop
         postgres = stack.enter_context(EmbeddedPostgres(root / "postgres"))
         s3 = stack.enter_context(SeaweedS3(root / "s3"))
         settings = base.model_copy(
