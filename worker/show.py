@@ -11,7 +11,7 @@ from PIL import Image
 
 from schemas.settings import Settings
 from worker.stores import database, objects
-from worker.stores.images import decode_image
+from worker.stores.images import ImageFetcher, decode_image
 
 _COLOURS = np.array(
     [
@@ -42,7 +42,8 @@ def render_product(settings: Settings, product_id: str, output: Path) -> None:
 
     client = objects.make_client(settings.s3)
     url = stored.image_urls[0]
-    data = objects.get_object(client, url, max_bytes=settings.images.max_bytes)
+    # The photo is read as the worker read it: s3:// or an allow-listed https host.
+    data = ImageFetcher(client, settings.s3, settings.images).fetch(url)
     pixels = decode_image(url, data, max_pixels=settings.images.max_pixels).pixels.astype(
         np.float32
     )
