@@ -196,14 +196,19 @@ def _abandon(product: ProductCreated, resources: Resources, reason: str) -> str:
 
 
 def _dead_letter(product: ProductCreated, *, kind: str, reason: str) -> None:
+    _park(
+        product.model_dump_json().encode(),
+        kind=kind,
+        reason=reason,
+        routing_key=str(product.event_type),
+    )
+
+
+def _park(body: bytes, *, kind: str, reason: str, routing_key: str) -> None:
+    """Put a message body in the dead-letter queue with its kind and reason."""
     with app.producer_or_acquire() as producer:
         dead_letter(
-            producer,
-            get_settings(),
-            product.model_dump_json().encode(),
-            kind=kind,
-            reason=reason,
-            routing_key=str(product.event_type),
+            producer, get_settings(), body, kind=kind, reason=reason, routing_key=routing_key
         )
 
 
@@ -227,15 +232,12 @@ def delete_product(self: Task, event: dict[str, Any]) -> str:
     except TransientFault as exc:
         if self.request.retries >= MAX_RETRIES:
             reason = f"{exc} (still failing after {MAX_RETRIES} retries)"
-            with app.producer_or_acquire() as producer:
-                dead_letter(
-                    producer,
-                    settings,
-                    deleted.model_dump_json().encode(),
-                    kind="abandoned",
-                    reason=reason,
-                    routing_key=str(deleted.event_type),
-                )
+            _park(
+                deleted.model_dump_json().encode(),
+                kind="abandoned",
+                reason=reason,
+                routing_key=str(deleted.event_type),
+            )
             log.error("deletion_abandoned", reason=reason, outcome="dead_lettered")
             return "abandoned"
         log.warning("deletion_retried", reason=str(exc), attempt=self.request.retries + 1)
@@ -280,15 +282,12 @@ def start_backfill(self: Task, request: dict[str, Any], skip: int = 0) -> dict[s
         )
     except (ValidationError, InvalidBackfill) as exc:
         reason = str(exc)
-        with app.producer_or_acquire() as producer:
-            dead_letter(
-                producer,
-                settings,
-                json.dumps(_without_secrets(request), default=str).encode(),
-                kind=InvalidBackfill.kind,
-                reason=reason,
-                routing_key="enrichment.start_backfill",
-            )
+        _park(
+            json.dumps(_without_secrets(request), default=str).encode(),
+            kind=InvalidBackfill.kind,
+            reason=reason,
+            routing_key="enrichment.start_backfill",
+        )
         log.warning("backfill_rejected", reason=reason[:500], outcome="dead_lettered")
         return {"status": "rejected", "reason": reason}
     except TransientFault as exc:
@@ -334,15 +333,12 @@ def expand_backfill_chunk(
         chunk = BackfillChunk.model_validate({"run_id": run_id, "events": events, "rate": rate})
     except ValidationError as exc:
         reason = f"the chunk message is no backfill chunk: {exc}"
-        with app.producer_or_acquire() as producer:
-            dead_letter(
-                producer,
-                settings,
-                json.dumps({"run_id": run_id, "events": events, "rate": rate}).encode(),
-                kind=InvalidBackfill.kind,
-                reason=reason,
-                routing_key="enrichment.expand_backfill_chunk",
-            )
+        _park(
+            json.dumps({"run_id": run_id, "events": events, "rate": rate}).encode(),
+            kind=InvalidBackfill.kind,
+            reason=reason,
+            routing_key="enrichment.expand_backfill_chunk",
+        )
         log.warning("backfill_chunk_rejected", reason=reason[:500], outcome="dead_lettered")
         return {"status": "rejected", "reason": reason}
 
@@ -351,15 +347,12 @@ def expand_backfill_chunk(
     except TransientFault as exc:
         if self.request.retries >= MAX_RETRIES:
             reason = f"{exc} (still failing after {MAX_RETRIES} retries)"
-            with app.producer_or_acquire() as producer:
-                dead_letter(
-                    producer,
-                    settings,
-                    json.dumps(chunk.model_dump()).encode(),
-                    kind="abandoned_backfill_chunk",
-                    reason=reason,
-                    routing_key="enrichment.expand_backfill_chunk",
-                )
+            _park(
+                json.dumps(chunk.model_dump()).encode(),
+                kind="abandoned_backfill_chunk",
+                reason=reason,
+                routing_key="enrichment.expand_backfill_chunk",
+            )
             log.error("backfill_chunk_abandoned", reason=reason, outcome="dead_lettered")
             return {"status": "abandoned", "reason": reason}
         log.warning("backfill_chunk_retried", reason=str(exc), attempt=self.request.retries + 1)
