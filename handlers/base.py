@@ -18,7 +18,6 @@ class Stage(StrEnum):
     SEGMENTATION = "segmentation"
     TAGGING = "tagging"
     EMBEDDING = "embedding"
-    IMAGE_EMBEDDING = "image_embedding"
 
 
 class StageError(Exception):
