@@ -74,6 +74,12 @@ class ProductCreated(BaseModel):
         default_factory=list, max_length=200
     )
     images: list[ProductImage] = Field(min_length=1, max_length=20)
+    backfill_run_id: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Set by `enrich backfill` on the events it submits. Such an event re-enriches "
+        "a product and never re-lists one that was deleted, whatever its occurred_at.",
+    )
 
 
 class ProductDeleted(BaseModel):

@@ -907,12 +907,15 @@ def _select(
         if kind in wanted:
             event_id = event_id_text(run_id, product_id)
             rest = events[product_id].model_dump_json(exclude=_RESTAMPED)
-            head = f'{{"event_id": "{event_id}", "occurred_at": {occurred_at}, '
+            head = (
+                f'{{"event_id": "{event_id}", "occurred_at": {occurred_at}, '
+                f'"backfill_run_id": {json.dumps(run_id)}, '
+            )
             items.append(_Item(product_id, event_id, head + rest[1:]))
     return items
 
 
-_RESTAMPED = {"event_id", "occurred_at"}
+_RESTAMPED = {"event_id", "occurred_at", "backfill_run_id"}
 
 
 def _record(

@@ -196,6 +196,7 @@ def test_submits_every_valid_product_once_and_records_the_invalid_lines(
     assert sorted(e["product_id"] for e in bodies) == [f"p-{i}" for i in range(5)]
     for event in bodies:
         assert event["event_id"] == str(event_id_for("run-1", event["product_id"]))
+        assert event["backfill_run_id"] == "run-1"
     with psycopg.connect(settings.database_url.get_secret_value()) as conn:
         rejects = run_rejects(conn, "run-1")
     assert sorted(group.kind for group in rejects) == ["body", "images"]

@@ -168,6 +168,20 @@ def test_a_newer_product_created_event_is_a_relisting_and_clears_the_tombstone(
     assert rows_of(catalog, "p-0000")["products"] == 1
 
 
+def test_a_backfill_event_submitted_after_the_deletion_does_not_bring_the_product_back(
+    catalog: psycopg.Connection[Any],
+) -> None:
+    deletion.delete_rows(catalog, deleted_event("p-0000"))
+    later = created_event("p-0000", DELETED_AT + timedelta(minutes=5))
+    backfilled = later.model_copy(update={"backfill_run_id": "bf-nightly"})
+
+    with pytest.raises(deletion.ProductIsDeleted) as refused:
+        deletion.admit_created(catalog, backfilled)
+
+    assert "bf-nightly" in str(refused.value)
+    assert tombstone(catalog, "p-0000") == DELETED_AT
+
+
 def test_the_database_refuses_to_write_a_product_that_has_a_tombstone(
     catalog: psycopg.Connection[Any],
 ) -> None:

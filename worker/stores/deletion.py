@@ -173,13 +173,11 @@ def delete_mask_uris(client: objects.S3Client, uris: list[str]) -> int:
 def admit_created(conn: psycopg.Connection[Any], event: ProductCreated) -> None:
     """Let a product-created event through, or raise ProductIsDeleted when it is stale.
 
-    An event newer than the product's tombstone is a re-listing: the tombstone goes. A stale
-    event also forgets its attempt count, so that it leaves no row behind. A tombstone
-    without a time (none the worker writes) counts as newer than every event.
-
-    TODO(#5): backfill events carry their submission time, so a deletion that occurred before
-    a backfill submitted the product, but is consumed after that event, takes the backfill
-    event for a re-listing; backfill events need a mark that they never re-list.
+    An event newer than the product's tombstone is a re-listing: the tombstone goes. A
+    backfill's event (`backfill_run_id`) never re-lists, since its occurred_at is the time it
+    was submitted, not a new listing. A stale event also forgets its attempt count, so that
+    it leaves no row behind. A tombstone without a time (none the worker writes) counts as
+    newer than every event.
     """
     with conn.transaction():
         row = conn.execute(
@@ -190,18 +188,20 @@ def admit_created(conn: psycopg.Connection[Any], event: ProductCreated) -> None:
             return
 
         deleted_at: datetime | None = row[0]
-        if deleted_at is not None and event.occurred_at > deleted_at:
+        newer = deleted_at is not None and event.occurred_at > deleted_at
+        if newer and event.backfill_run_id is None:
             conn.execute("DELETE FROM deleted_products WHERE product_id = %s", (event.product_id,))
-            log.info("product_relisted", deleted_at=deleted_at.isoformat())
+            log.info("product_relisted", deleted_at=str(deleted_at))
             return
 
         conn.execute("DELETE FROM attempts WHERE event_id = %s", (event.event_id,))
-    raise ProductIsDeleted(
-        event.product_id,
-        deleted_at,
-        f"the event occurred at {event.occurred_at.isoformat()}, the deletion at "
-        f"{'an unknown time' if deleted_at is None else deleted_at.isoformat()}",
+    deleted = "an unknown time" if deleted_at is None else deleted_at.isoformat()
+    reason = (
+        f"backfill run {event.backfill_run_id!r} never re-lists a product deleted at {deleted}"
+        if newer
+        else f"the event occurred at {event.occurred_at.isoformat()}, the deletion at {deleted}"
     )
+    raise ProductIsDeleted(event.product_id, deleted_at, reason)
 
 
 @contextmanager
