@@ -269,7 +269,7 @@ def load(
         score_threshold=config.score_threshold,
         detections_per_image=config.detections_per_image,
     )
-    _load_weights(model, model_dir / config.weights)
+    load_weights(model, model_dir / config.weights)
     model.to(target).eval()
 
     version = model_version(config.name, model_dir)
@@ -284,7 +284,8 @@ def load(
     return TorchvisionSegmenter(model, config, model_version=version, device=target)
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load the state_dict at `path` into `model`, strictly; ModelLoadError when it differs."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:

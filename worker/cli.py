@@ -549,6 +549,10 @@ def train_segmenter(
         Path | None, typer.Option(help="Product photos to spot-check (clothing-small).")
     ] = DEFAULT_CCP.parent / "clothing-small" / "validation",
     device: Annotated[str | None, typer.Option(help="cuda or cpu; unset picks CUDA.")] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(help="Segmenter folder to continue from instead of the ImageNet backbone."),
+    ] = None,
 ) -> None:
     """Fine-tune the Mask R-CNN segmenter (EfficientNet-Lite0 backbone) on CCP."""
     from handlers.training.segmenter import train_segmenter as train
@@ -567,6 +571,7 @@ def train_segmenter(
         score_threshold=score_threshold,
         device=device,
         products_root=products,
+        init_from=init_from,
     )
     typer.echo(figures)
 

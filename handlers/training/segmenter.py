@@ -32,7 +32,7 @@ from scipy import ndimage
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 
-from handlers.base import Segmentation
+from handlers.base import ModelLoadError, Segmentation, model_version
 from handlers.evaluation import MaskFigures, MaskScorer, MaskTruth
 from handlers.segmentation import (
     SegmentationBackend,
@@ -46,6 +46,8 @@ from handlers.torchvision_backend import (
     Architecture,
     TorchvisionSegmenterConfig,
     build_model,
+    load_weights,
+    read_config,
     save_weights,
 )
 from handlers.training import ccp
@@ -311,9 +313,13 @@ def train_segmenter(
     score_threshold: float = 0.5,
     device: str | None = None,
     products_root: Path | None = None,
+    init_from: Path | None = None,
     invoked_as: str | None = None,
 ) -> dict[str, Any]:
     """Train on CCP's training split, write the model folder, evaluate it on validation.
+
+    `init_from` is a segmenter folder of the same classes and network to continue from, in
+    place of the ImageNet backbone; the card names its model version.
 
     `score_threshold` is the folder's, below which the worker drops instances.
     `max_minutes` bounds the time spent fitting: the learning-rate schedule then follows
@@ -335,7 +341,9 @@ def train_segmenter(
     data_seconds = _since(started)
     log.info("training_data_loaded", images=len(examples), seconds=data_seconds)
 
-    model = _new_model(image_size).to(target)
+    model = _new_model(image_size)
+    init_version = None if init_from is None else load_initial_weights(model, init_from)
+    model.to(target)
     schedule = _Schedule(
         total_steps=epochs * math.ceil(len(examples) / batch_size),
         max_seconds=None if max_minutes is None else max_minutes * 60.0,
@@ -354,6 +362,8 @@ def train_segmenter(
         "epochs_done": round(steps * batch_size / len(examples), 2),
         "data_seconds": data_seconds, "train_seconds": train_seconds,
         "products": None if products_root is None else str(products_root),
+        "init_from": None if init_from is None else str(init_from),
+        "init_version": init_version,
     }  # fmt: skip
     summary["command"] = _enrich_command(summary)
     summary["invoked_as"] = invoked_as or summary["command"]
@@ -372,6 +382,29 @@ def _new_model(image_size: int) -> MaskRCNN:
         max_size=_max_size(image_size),
         pretrained_backbone=True,
     )
+
+
+def load_initial_weights(model: nn.Module, model_dir: Path) -> str:
+    """Load a trained folder's weights into `model` (built by `_new_model`); gives its version.
+
+    The folder must have this trainer's classes and network, or ModelLoadError names the
+    difference before any training starts.
+    """
+    config = read_config(model_dir)
+    if config.classes != list(GARMENT_CLASSES):
+        raise ModelLoadError(
+            f"{model_dir} has classes {config.classes}; training needs {list(GARMENT_CLASSES)}"
+        )
+    if config.architecture != _architecture():
+        raise ModelLoadError(
+            f"{model_dir} has another network ({config.architecture.name}, "
+            f"{config.architecture.fpn_channels} FPN channels); training builds "
+            f"{_architecture().name} with {_architecture().fpn_channels}"
+        )
+    load_weights(model, model_dir / config.weights)
+    version = model_version(config.name, model_dir)
+    log.info("training_initialised", init_from=str(model_dir), model_version=version)
+    return version
 
 
 def _validate(
@@ -739,11 +772,7 @@ photo are dropped.
 ## Command
 
     {summary["command"]}
-
-which was run, before the `enrich` command existed, as
-
-    {summary["invoked_as"]}
-
+{_provenance(summary)}
 Seed {summary["seed"]}, {summary["threads"]} CPU thread(s), device `{summary["device"]}`,
 short side {summary["image_size"]} px (training jitters it by x{min(SCALE_JITTER)}-1),
 AdamW at {summary["learning_rate"]}, batches of {summary["batch_size"]}.
@@ -787,10 +816,34 @@ is that confusion.
 {_product_section(summary)}
 ## Limits
 
-- Trained for minutes on one CPU thread; a longer schedule on a GPU would do better.
+- Trained for {summary["train_seconds"] / 60:.0f} min on {_where(summary)}; a longer schedule on a \
+GPU would do better.
 - Small items (shoes) suffer most at this image size.
 - Trained on street photos; product photos are only spot-checked (above).
 """
+
+
+def _provenance(summary: Mapping[str, Any]) -> str:
+    """The card's lines on how the command was run and what training started from."""
+    lines = []
+    if summary.get("invoked_as") not in (None, summary["command"]):
+        lines.append(
+            f"\nwhich was run, before the `enrich` command existed, as\n\n"
+            f"    {summary['invoked_as']}\n"
+        )
+    if summary.get("init_from") is not None:
+        lines.append(
+            f"\nTraining continued from `{summary['init_from']}` as it was then "
+            f"(`{summary['init_version']}`, whose card gave its own command), not from the "
+            "ImageNet backbone alone.\n"
+        )
+    return "".join(lines)
+
+
+def _where(summary: Mapping[str, Any]) -> str:
+    if summary["device"] == "cpu":
+        return f"{summary['threads']} CPU thread(s)"
+    return f"device `{summary['device']}`"
 
 
 def _product_section(summary: Mapping[str, Any]) -> str:
@@ -825,10 +878,11 @@ def _enrich_command(summary: Mapping[str, Any]) -> str:
         "--seed": "seed", "--batch-size": "batch_size", "--learning-rate": "learning_rate",
         "--max-minutes": "max_minutes", "--threads": "threads",
         "--score-threshold": "score_threshold", "--products": "products",
+        "--init-from": "init_from",
     }  # fmt: skip
     words = ["enrich", "train", "segmenter"]
     for flag, key in options.items():
-        if summary[key] is not None:
+        if summary.get(key) is not None:
             words += [flag, str(summary[key])]
     return shlex.join(words)
 

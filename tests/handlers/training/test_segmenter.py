@@ -1,11 +1,21 @@
 from __future__ import annotations
 
-import numpy as np
+import json
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+
+from handlers.base import ModelLoadError, model_version
 from handlers.training.segmenter import (
     MERGE_RADIUS,
+    MODEL_NAME,
     TrainingExample,
+    _new_model,
+    _write_model,
     garment_instances,
+    load_initial_weights,
     make_sample,
 )
 
@@ -52,3 +62,28 @@ def test_a_training_sample_has_one_box_around_each_mask() -> None:
     for box, mask in zip(target["boxes"], target["masks"], strict=True):
         rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         assert box.tolist() == [columns[0], rows[0], columns[-1] + 1, rows[-1] + 1]
+
+
+def test_training_continues_from_a_saved_folder_with_its_weights(tmp_path: Path) -> None:
+    saved = _new_model(96)
+    _write_model(saved, tmp_path / "before", image_size=96, score_threshold=0.4)
+    fresh = _new_model(96)
+
+    version = load_initial_weights(fresh, tmp_path / "before")
+
+    assert version == model_version(MODEL_NAME, tmp_path / "before")
+    for name, tensor in fresh.state_dict().items():
+        expected = saved.state_dict()[name]
+        if tensor.is_floating_point():
+            expected = expected.half().float()
+        assert torch.equal(tensor, expected), name
+
+
+def test_training_refuses_to_continue_from_a_folder_of_other_classes(tmp_path: Path) -> None:
+    _write_model(_new_model(96), tmp_path / "other", image_size=96, score_threshold=0.4)
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    config["classes"] = ["jeans", "hat"]
+    (tmp_path / "other" / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(ModelLoadError, match=r"classes \['jeans', 'hat'\]"):
+        load_initial_weights(_new_model(96), tmp_path / "other")
