@@ -676,6 +676,8 @@ def _summarise(figures: MaskFigures, overlaps: Mapping[str, list[float]]) -> dic
         "map50": figures["map50"],
         "mean_iou": figures["mean_iou"],
         "truths": {name: f["num_truths"] for name, f in per_class.items()},
+        "iou": {name: f["iou"] for name, f in per_class.items()},
+        "iou_images": {name: f["iou_images"] for name, f in per_class.items()},
     }
 
 
@@ -735,8 +737,10 @@ def write_model_card(out_dir: Path, summary: Mapping[str, Any]) -> None:
 def _model_card(summary: Mapping[str, Any]) -> str:
     metrics = summary["metrics"]
     classes = ", ".join(summary["classes"])
+    ious, iou_images = metrics.get("iou", {}), metrics.get("iou_images", {})
     ap_rows = "\n".join(
-        f"| {name} | {metrics['truths'][name]} | {metrics['ap50'].get(name, 'n/a')} |"
+        f"| {name} | {metrics['truths'][name]} | {metrics['ap50'].get(name, 'n/a')} | "
+        f"{ious.get(name, 'n/a')} | {iou_images.get(name, 'n/a')} |"
         for name in summary["classes"]
     )
     sweep_rows = "\n".join(
@@ -797,10 +801,18 @@ photos | {metrics["trousers_iou"]} |
 | share of photos without jeans given a jeans mask | \
 {metrics["jeans_false_positive_rate"]} |
 | mask AP50, mean over the classes | {metrics["map50"]} |
+| mask IoU, mean over the classes | {metrics.get("mean_iou", "n/a")} |
 
-| class | validation instances | mask AP50 |
-| --- | --- | --- |
+| class | validation instances | mask AP50 | mask IoU | photos in the IoU |
+| --- | --- | --- | --- | --- |
 {ap_rows}
+
+A class's mask IoU is the mean, over the photos whose truth has the class or where the
+segmenter keeps a mask of it, of |pred & truth| / |pred or truth| (pred: the union of the
+class's kept masks; truth: every pixel of the class); a mask of a class the photo lacks
+counts 0, so it is lower than the jeans and trousers IoUs above, which count only photos with
+the class. `enrich eval --json` with this folder (the worker's default settings) reports the
+same AP50 and IoU figures on the same photos.
 
 The IoUs at other score thresholds:
 
