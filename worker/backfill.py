@@ -52,7 +52,7 @@ from schemas.backfill import (
 )
 from schemas.events import EventType, ModelVersions, ProductCreated
 from schemas.settings import Settings
-from worker.errors import InvalidEvent, TransientFault
+from worker.errors import DeadLetterKind, InvalidEvent, TransientFault
 from worker.intake import parse_event
 from worker.stores import objects
 
@@ -68,7 +68,7 @@ class InvalidBackfill(Exception):
     """The backfill cannot run as asked: its source is missing or unreadable, its query fails,
     or it names an existing run with another source or mode. Retrying would not help."""
 
-    kind = "invalid_backfill"
+    kind = DeadLetterKind.INVALID_BACKFILL
 
 
 def event_id_for(run_id: str, product_id: str) -> uuid.UUID:

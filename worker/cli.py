@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from schemas.settings import REPO_ROOT, get_settings
+from worker.errors import DeadLetterKind
 
 
 class _Cli(typer.Typer):
@@ -309,7 +310,8 @@ def dlq_list(
 @dlq_app.command("replay")
 def dlq_replay(
     reason: Annotated[
-        str | None, typer.Option(help="Only this kind: invalid_event, unreadable_image, ...")
+        DeadLetterKind | None,
+        typer.Option("--reason", "--kind", help="Only messages parked for this reason."),
     ] = None,
 ) -> None:
     """Send parked messages back to the catalog exchange, after a fix."""

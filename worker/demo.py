@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import statistics
+import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -136,13 +140,32 @@ def run_demo(data: Path, *, products: int, keep_servers: bool) -> int:
         _render(stack, completions, out)
         if keep_servers:
             _print_environment(stack)
-            input("servers are running; press Enter to stop them ")
+            wait_for_stop()
 
     enriched = sum(1 for c in completions if c["status"] == "enriched")
     failed = sum(1 for c in completions if c["status"] == "failed")
     elapsed = time.monotonic() - started
     print(f"enriched {enriched}/{len(chosen)} products ({failed} failed) in {elapsed:.0f} s")
     return 0 if enriched == len(chosen) else 1
+
+
+def wait_for_stop() -> None:
+    """Until Enter on a terminal; without one (nohup, a service, a pipe) until SIGTERM or
+    SIGINT, so that kept servers are not stopped at once by an empty standard input."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        input("servers are running; press Enter to stop them ")
+        return
+
+    stop = threading.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {number: signal.signal(number, lambda *_: stop.set()) for number in signals}
+    print(f"servers are running; stop them with: kill {os.getpid()}", flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _upload_photos(stack: LocalStack, chosen: list[tuple[ProductCreated, Path]]) -> None:

@@ -10,6 +10,7 @@ from kombu import Connection
 
 from schemas.events import EventType
 from schemas.settings import Settings
+from worker.errors import DeadLetterKind
 from worker.events import catalog_exchange, dead_letter_queue, intake_queue, publish_json
 
 log = structlog.get_logger(__name__)
@@ -60,7 +61,7 @@ def list_dead_letters(settings: Settings, *, limit: int = 1000) -> list[DeadLett
     return letters
 
 
-def replay(settings: Settings, *, kind: str | None = None, limit: int = 100_000) -> int:
+def replay(settings: Settings, *, kind: DeadLetterKind | None = None, limit: int = 100_000) -> int:
     """Send parked messages (of one kind, or all) back to the catalog exchange.
 
     Each message is acknowledged only after its copy was confirmed by the broker; messages

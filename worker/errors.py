@@ -10,9 +10,21 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 _VALUE_PREVIEW = 80
+
+
+class DeadLetterKind(StrEnum):
+    """Why a message was parked: the `x-error-kind` header and `enrich dlq replay --reason`."""
+
+    INVALID_EVENT = "invalid_event"
+    UNREADABLE_IMAGE = "unreadable_image"
+    UNEXPECTED = "unexpected"
+    ABANDONED = "abandoned"
+    INVALID_BACKFILL = "invalid_backfill"
+    ABANDONED_BACKFILL_CHUNK = "abandoned_backfill_chunk"
 
 
 def preview(value: Any) -> str:
@@ -22,14 +34,28 @@ def preview(value: Any) -> str:
 
 
 class InvalidEvent(Exception):
-    """The message is not a valid event. `field` is a dotted path, or `body` for bad JSON."""
+    """The message is not a valid event. `field` is a dotted path, or `body` for bad JSON.
 
-    kind = "invalid_event"
+    `event_id` and `product_id` are the ids the message carried, as text cut short, where it
+    had them, so that a rejection can be traced to its producer.
+    """
 
-    def __init__(self, field: str, value: Any, allowed: str) -> None:
+    kind = DeadLetterKind.INVALID_EVENT
+
+    def __init__(
+        self,
+        field: str,
+        value: Any,
+        allowed: str,
+        *,
+        event_id: str | None = None,
+        product_id: str | None = None,
+    ) -> None:
         self.field = field
         self.value = preview(value)
         self.allowed = allowed
+        self.event_id = event_id
+        self.product_id = product_id
         super().__init__(
             f"field {field!r} received {self.value}; allowed: {allowed}; "
             "the message was dead-lettered and will not be retried"
@@ -37,7 +63,7 @@ class InvalidEvent(Exception):
 
 
 class UnreadableImage(Exception):
-    kind = "unreadable_image"
+    kind = DeadLetterKind.UNREADABLE_IMAGE
 
     def __init__(self, url: str, reason: str) -> None:
         self.url = url

@@ -14,6 +14,7 @@ from kombu import Connection, Exchange, Producer, Queue, binding
 
 from schemas.events import EventType
 from schemas.settings import Settings
+from worker.errors import DeadLetterKind
 
 
 def catalog_exchange(settings: Settings) -> Exchange:
@@ -65,7 +66,7 @@ def dead_letter(
     settings: Settings,
     body: bytes,
     *,
-    kind: str,
+    kind: DeadLetterKind,
     reason: str,
     routing_key: str = "",
 ) -> None:
@@ -78,7 +79,7 @@ def dead_letter(
         routing_key=queue.name,
         declare=[queue],
         headers={
-            "x-error-kind": kind,
+            "x-error-kind": str(kind),
             "x-error-reason": reason[:2000],
             "x-original-routing-key": routing_key,
             "x-dead-lettered-at": datetime.now(UTC).isoformat(),

@@ -32,6 +32,7 @@ class _Missing:
 
 
 _MISSING = _Missing()
+_ID_PREVIEW = 80
 _Event = TypeVar("_Event", ProductCreated, ProductDeleted)
 
 
@@ -48,9 +49,8 @@ def parse_intake_event(body: bytes | str) -> ProductCreated | ProductDeleted:
     if event_type == EventType.PRODUCT_DELETED:
         return _validate(ProductDeleted, payload)
     if event_type != EventType.PRODUCT_CREATED:
-        raise InvalidEvent(
-            "event_type", event_type, f"{EventType.PRODUCT_CREATED} or {EventType.PRODUCT_DELETED}"
-        )
+        allowed = f"{EventType.PRODUCT_CREATED} or {EventType.PRODUCT_DELETED}"
+        raise InvalidEvent("event_type", event_type, allowed, **_ids(payload))
     return _validate(ProductCreated, payload)
 
 
@@ -71,7 +71,16 @@ def _validate(model: type[_Event], payload: dict[str, Any]) -> _Event:
         error = exc.errors(include_url=False)[0]
         field = ".".join(str(part) for part in error["loc"]) or "body"
         value = _MISSING if error["type"] == "missing" else error.get("input")
-        raise InvalidEvent(field, value, error["msg"]) from exc
+        raise InvalidEvent(field, value, error["msg"], **_ids(payload)) from exc
+
+
+def _ids(payload: dict[str, Any]) -> dict[str, str | None]:
+    """The event and product ids an invalid payload carried, as text cut short, for the log."""
+    ids: dict[str, str | None] = {}
+    for name in ("event_id", "product_id"):
+        value = payload.get(name)
+        ids[name] = str(value)[:_ID_PREVIEW] if isinstance(value, str | int) else None
+    return ids
 
 
 class IntakeStep(bootsteps.ConsumerStep):
@@ -112,6 +121,8 @@ class IntakeStep(bootsteps.ConsumerStep):
         metrics.consumer_heartbeat(metrics.Consumer.INTAKE)
         log.warning(
             "event_rejected",
+            event_id=exc.event_id,
+            product_id=exc.product_id,
             field=exc.field,
             value=exc.value,
             allowed=exc.allowed,

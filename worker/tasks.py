@@ -19,7 +19,7 @@ from schemas.settings import RETRY_COUNTDOWN_MAX_S, get_settings
 from worker import batching, metrics
 from worker.app import app
 from worker.enrichment import Enrichment, Resources, commit, enrich, failed
-from worker.errors import InvalidEvent, TransientFault, UnreadableImage
+from worker.errors import DeadLetterKind, InvalidEvent, TransientFault, UnreadableImage
 from worker.events import dead_letter
 from worker.models import get_models
 from worker.stores import database, deletion, objects
@@ -173,14 +173,14 @@ def _outcome(product: ProductCreated, resources: Resources) -> Enrichment:
         raise  # batching.time_limit makes it a retry
     except Exception as exc:
         log.exception("enrichment_crashed")
-        _dead_letter(product, kind="unexpected", reason=repr(exc))
+        _dead_letter(product, kind=DeadLetterKind.UNEXPECTED, reason=repr(exc))
         return failed(product, models, reason=repr(exc)[:500], kind="unexpected", stage=None)
 
 
 def _abandon(product: ProductCreated, resources: Resources, reason: str) -> str:
     """Give up on an event: park it with the reason and, where the database answers, record
     a failed enrichment. Nothing loops forever and nothing is dropped."""
-    _dead_letter(product, kind="abandoned", reason=reason)
+    _dead_letter(product, kind=DeadLetterKind.ABANDONED, reason=reason)
     log.error("enrichment_abandoned", reason=reason, outcome="dead_lettered")
     metrics.enrichment_finished("failed", "abandoned", duplicate=False)
     try:
@@ -195,7 +195,7 @@ def _abandon(product: ProductCreated, resources: Resources, reason: str) -> str:
     return "abandoned"
 
 
-def _dead_letter(product: ProductCreated, *, kind: str, reason: str) -> None:
+def _dead_letter(product: ProductCreated, *, kind: DeadLetterKind, reason: str) -> None:
     _park(
         product.model_dump_json().encode(),
         kind=kind,
@@ -204,7 +204,7 @@ def _dead_letter(product: ProductCreated, *, kind: str, reason: str) -> None:
     )
 
 
-def _park(body: bytes, *, kind: str, reason: str, routing_key: str) -> None:
+def _park(body: bytes, *, kind: DeadLetterKind, reason: str, routing_key: str) -> None:
     """Put a message body in the dead-letter queue with its kind and reason."""
     with app.producer_or_acquire() as producer:
         dead_letter(
@@ -234,7 +234,7 @@ def delete_product(self: Task, event: dict[str, Any]) -> str:
             reason = f"{exc} (still failing after {MAX_RETRIES} retries)"
             _park(
                 deleted.model_dump_json().encode(),
-                kind="abandoned",
+                kind=DeadLetterKind.ABANDONED,
                 reason=reason,
                 routing_key=str(deleted.event_type),
             )
@@ -349,7 +349,7 @@ def expand_backfill_chunk(
             reason = f"{exc} (still failing after {MAX_RETRIES} retries)"
             _park(
                 json.dumps(chunk.model_dump()).encode(),
-                kind="abandoned_backfill_chunk",
+                kind=DeadLetterKind.ABANDONED_BACKFILL_CHUNK,
                 reason=reason,
                 routing_key="enrichment.expand_backfill_chunk",
             )

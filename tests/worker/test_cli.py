@@ -101,3 +101,11 @@ def test_a_bad_setting_is_told_in_one_line_that_names_it(
     assert "Traceback" not in finished.stderr
     (line,) = [line for line in finished.stderr.splitlines() if line.startswith("enrich: ")]
     assert named in line
+
+
+def test_dlq_replay_refuses_a_kind_no_message_is_parked_under() -> None:
+    result = runner.invoke(app, ["dlq", "replay", "--reason", "invalid_events"])
+
+    assert result.exit_code == 2
+    assert "invalid_event" in result.output
+    assert "abandoned_backfill_chunk" in result.output

@@ -9,11 +9,12 @@ from kombu import Connection
 from schemas.settings import Settings
 from tests.schemas.test_events import product_payload
 from worker.dlq import list_dead_letters, replay
+from worker.errors import DeadLetterKind
 from worker.events import dead_letter, intake_queue
 from worker.local import LocalStack, delete_queues
 
 
-def park(settings: Settings, body: bytes, kind: str) -> None:
+def park(settings: Settings, body: bytes, kind: DeadLetterKind) -> None:
     with (
         Connection(settings.broker_url.get_secret_value()) as connection,
         connection.Producer() as producer,
@@ -44,7 +45,7 @@ def settings(stack: LocalStack, request: pytest.FixtureRequest) -> Iterator[Sett
 
 
 def test_listing_shows_kind_and_reason_and_leaves_messages_parked(settings: Settings) -> None:
-    park(settings, b"{not json", "invalid_event")
+    park(settings, b"{not json", DeadLetterKind.INVALID_EVENT)
 
     first = list_dead_letters(settings)
     second = list_dead_letters(settings)
@@ -55,14 +56,14 @@ def test_listing_shows_kind_and_reason_and_leaves_messages_parked(settings: Sett
 
 def test_replay_by_kind_sends_only_that_kind_back_to_the_intake(settings: Settings) -> None:
     event = json.dumps(product_payload()).encode()
-    park(settings, event, "unreadable_image")
-    park(settings, b"{not json", "invalid_event")
+    park(settings, event, DeadLetterKind.UNREADABLE_IMAGE)
+    park(settings, b"{not json", DeadLetterKind.INVALID_EVENT)
     with Connection(settings.broker_url.get_secret_value()) as connection:
         intake = intake_queue(settings)(connection.channel())
         intake.declare()
         intake.purge()
 
-        replayed = replay(settings, kind="unreadable_image")
+        replayed = replay(settings, kind=DeadLetterKind.UNREADABLE_IMAGE)
         arrived = intake.get(no_ack=True)
         left = list_dead_letters(settings)
 

@@ -15,6 +15,7 @@ from kombu import Connection
 from PIL import Image
 
 from tests.schemas.test_events import product_payload
+from tests.worker.running import json_lines
 from worker.events import dead_letter_queue, publish_events
 from worker.local import CompletionListener, LocalStack, worker_process
 from worker.stores import database, objects
@@ -35,13 +36,15 @@ def s3(stack: LocalStack) -> objects.S3Client:
 
 
 @pytest.fixture(scope="module")
-def listener(
-    stack: LocalStack, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[CompletionListener]:
-    log_file = tmp_path_factory.mktemp("worker") / "worker.log"
-    with CompletionListener(stack.settings) as listening, worker_process(stack, log_file):
+def worker_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("worker") / "worker.log"
+
+
+@pytest.fixture(scope="module")
+def listener(stack: LocalStack, worker_log: Path) -> Iterator[CompletionListener]:
+    with CompletionListener(stack.settings) as listening, worker_process(stack, worker_log):
         yield listening
-    print(log_file.read_text()[-3000:])
+    print(worker_log.read_text()[-3000:])
 
 
 def upload(s3: objects.S3Client, key: str, data: bytes) -> str:
@@ -157,6 +160,32 @@ def test_invalid_json_and_a_schema_break_are_dead_lettered_and_the_next_event_co
     ours = [h for h, body in parked if body in (broken_json.encode(), no_images.encode())]
     assert len(ours) == 2
     assert all(h["x-error-kind"] == "invalid_event" for h in ours)
+
+
+def test_a_rejected_event_is_logged_with_the_ids_it_carried(
+    stack: LocalStack,
+    s3: objects.S3Client,
+    listener: CompletionListener,
+    worker_log: Path,
+    datasets: Path,
+) -> None:
+    photo = next((datasets / "clothing-small" / "validation" / "skirt").glob("*.jpg"))
+    no_images = event_for("s3://catalog-images/z.jpg", images=[])
+    valid = event_for(upload(s3, f"e2e/{uuid.uuid4().hex}.jpg", photo.read_bytes()))
+
+    publish(stack, json.dumps(no_images), json.dumps(valid))
+    completions_of(listener, valid)
+    lines, _ = json_lines(worker_log)
+
+    rejected = [
+        line
+        for line in lines
+        if line.get("event") == "event_rejected" and line.get("event_id") == no_images["event_id"]
+    ]
+    assert len(rejected) == 1
+    assert rejected[0]["product_id"] == no_images["product_id"]
+    assert rejected[0]["field"] == "images"
+    assert rejected[0]["level"] == "warning"
 
 
 def test_an_unreadable_image_ends_as_a_failed_enrichment_with_its_reason(

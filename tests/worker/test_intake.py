@@ -76,3 +76,23 @@ def test_an_unknown_event_type_names_the_types_the_intake_takes() -> None:
     assert caught.value.field == "event_type"
     assert "product.updated" in caught.value.value
     assert caught.value.allowed == "product.created or product.deleted"
+
+
+def test_an_invalid_event_keeps_the_event_and_product_ids_it_carried() -> None:
+    payload = product_payload(images=[])
+
+    with pytest.raises(InvalidEvent) as caught:
+        parse_intake_event(json.dumps(payload).encode())
+
+    assert caught.value.event_id == payload["event_id"]
+    assert caught.value.product_id == payload["product_id"]
+
+
+def test_ids_that_are_not_text_are_left_out_of_an_invalid_event() -> None:
+    payload = product_payload(event_type="product.updated", product_id={"nested": 1})
+
+    with pytest.raises(InvalidEvent) as caught:
+        parse_intake_event(json.dumps(payload).encode())
+
+    assert caught.value.event_id == payload["event_id"]
+    assert caught.value.product_id is None
