@@ -4,8 +4,9 @@
   worker's queues, asked of the broker at each scrape.
 - `/healthz/ready`: 200 once a pool process has loaded its models and the broker and the
   database answer; 503 naming the failed checks otherwise.
-- `/healthz/live`: 503 when a consumer has messages ready in its queue but has made no
-  progress for `liveness_stall_s`: the worker is still connected but no longer consuming.
+- `/healthz/live`: 503 when a consumer has messages ready in its queues (the intake's; the
+  task and backfill queues for the task consumer) but has made no progress for
+  `liveness_stall_s`: the worker is still connected but no longer consuming.
   Anything else is live, a broker that does not answer included: a restart would not help.
 """
 
@@ -163,12 +164,16 @@ class Health:
         return cls(settings=settings, folder=folder, probe=probe)
 
     @property
-    def queues(self) -> dict[str, str]:
-        """Each consumer's queue."""
+    def queues(self) -> dict[str, tuple[str, ...]]:
+        """Each consumer's queues: the task consumer takes uploads and backfill work alike."""
         return {
-            Consumer.INTAKE: self.settings.intake_queue,
-            Consumer.TASKS: self.settings.task_queue,
+            Consumer.INTAKE: (self.settings.intake_queue,),
+            Consumer.TASKS: (self.settings.task_queue, self.settings.backfill_queue),
         }
+
+    @property
+    def queue_names(self) -> list[str]:
+        return [name for names in self.queues.values() for name in names]
 
     def readiness(self) -> Report:
         loaded = int(sum(sample.value for sample in merged_samples(self.folder, MODELS_LOADED)))
@@ -213,8 +218,10 @@ class Health:
             metrics.consumer_heartbeat(consumer)
 
     def _ready_by_consumer(self) -> dict[str, int]:
-        counts = self.probe.ready_messages(self.queues.values())
-        return {consumer: counts[queue] for consumer, queue in self.queues.items()}
+        counts = self.probe.ready_messages(self.queue_names)
+        return {
+            consumer: sum(counts[name] for name in names) for consumer, names in self.queues.items()
+        }
 
     def _heartbeats(self) -> dict[str, float]:
         samples = merged_samples(self.folder, HEARTBEAT)
@@ -222,7 +229,7 @@ class Health:
 
     def _broker_check(self) -> Check:
         try:
-            self.probe.ready_messages(self.queues.values())
+            self.probe.ready_messages(self.queue_names)
         except BrokerUnanswered as exc:
             return Check("broker", False, f"unreachable: {exc}")
         return Check("broker", True, "answers")
@@ -252,7 +259,7 @@ class _QueueCollector:
             READY_MESSAGES, "Messages ready in the worker's queues.", labels=["queue"]
         )
         try:
-            counts = self.health.probe.ready_messages(self.health.queues.values())
+            counts = self.health.probe.ready_messages(self.health.queue_names)
         except BrokerUnanswered as exc:
             log.warning("queue_depth_unavailable", reason=str(exc))
             counts = {}

@@ -134,7 +134,11 @@ def test_keda_scales_the_worker_on_the_queues_it_consumes() -> None:
 
     assert scaled["scaleTargetRef"]["name"] == "enrichment-worker"
     queues = {t["metadata"]["queueName"] for t in scaled["triggers"] if t["type"] == "rabbitmq"}
-    assert queues == {config["ENRICH_TASK_QUEUE"], config["ENRICH_INTAKE_QUEUE"]}
+    assert queues == {
+        config["ENRICH_TASK_QUEUE"],
+        config["ENRICH_INTAKE_QUEUE"],
+        config["ENRICH_BACKFILL_QUEUE"],
+    }
     assert all(t["metadata"]["mode"] == "QueueLength" for t in scaled["triggers"])
     assert auth == [{"parameter": "host", "name": "enrichment-secrets", "key": "ENRICH_BROKER_URL"}]
     assert 1 <= scaled["minReplicaCount"] < scaled["maxReplicaCount"]

@@ -117,16 +117,18 @@ def server(tmp_path: Path) -> Iterator[HealthServer]:
         database_url=SecretStr(f"postgresql://postgres@127.0.0.1:{free_port()}/enrichment"),
         intake_queue=f"health-test.intake.{run}",
         task_queue=f"health-test.tasks.{run}",
+        backfill_queue=f"health-test.backfill.{run}",
         health_timeout_s=2,
     )
+    queues = (settings.intake_queue, settings.task_queue, settings.backfill_queue)
     with Connection(BROKER_URL) as connection:
-        for name in (settings.intake_queue, settings.task_queue):
+        for name in queues:
             Queue(name, auto_delete=True)(connection.default_channel).declare()
         started = HealthServer(Health.from_settings(settings, tmp_path), host="127.0.0.1", port=0)
         started.start()
         yield started
         started.stop()
-        for name in (settings.intake_queue, settings.task_queue):
+        for name in queues:
             # Never consumed, so auto_delete never fires: delete them here.
             connection.default_channel.queue_delete(name)
 
@@ -148,6 +150,22 @@ def test_liveness_is_200_while_the_worker_has_nothing_waiting(server: HealthServ
 
     assert status == 200
     assert set(body["checks"]) == {"consumer_intake", "consumer_tasks"}
+
+
+def test_backfill_work_left_waiting_makes_the_task_consumer_not_live(
+    server: HealthServer,
+) -> None:
+    backfill = server.health.settings.backfill_queue
+    with Connection(BROKER_URL) as connection, connection.Producer() as producer:
+        producer.publish({"chunk": 1}, routing_key=backfill, exchange="", retry=True)
+
+    status, body = get(server.port, "/healthz/live")
+    metrics = server.health.metrics_text().decode()
+
+    assert status == 503
+    assert body["checks"]["consumer_tasks"]["ok"] is False
+    assert body["checks"]["consumer_intake"]["ok"] is True
+    assert f'enrich_queue_messages_ready{{queue="{backfill}"}} 1.0' in metrics
 
 
 def test_liveness_is_200_during_a_shutdown_whatever_waits(server: HealthServer) -> None:
