@@ -3,61 +3,26 @@ here is one these tests start on 127.0.0.1; no traffic goes anywhere else."""
 
 from __future__ import annotations
 
-import http.server
-import ssl
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-import trustme
 
 from schemas.settings import ImageSettings, S3Settings
+from tests.tls import HttpsServer as Server
+from tests.tls import https_server
 from worker.errors import UnreadableImage
 from worker.stores.images import ImageFetcher
 
 PHOTO = b"\x89PNG pretend image bytes"
 
 
-@dataclass
-class Server:
-    base: str
-    ca_file: Path
-    requests: list[str] = field(default_factory=list)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    folder = tmp_path_factory.mktemp("tls")
-    authority = trustme.CA()
-    authority.cert_pem.write_to_path(str(folder / "ca.pem"))
-    requests: list[str] = []
+    def body_for(path: str) -> bytes:
+        return PHOTO * (1000 if path == "/big.png" else 1)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            if self.path.startswith("/redirect"):
-                self.send_response(302)
-                self.send_header("Location", self.path.split("to=", 1)[1])
-                self.end_headers()
-                return
-            body = PHOTO * (1000 if self.path == "/big.png" else 1)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(context)
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield Server(f"https://127.0.0.1:{httpd.server_address[1]}", folder / "ca.pem", requests)
-    httpd.shutdown()
+    with https_server(tmp_path_factory.mktemp("tls"), body_for) as started:
+        yield started
 
 
 def fetcher(server: Server, **changes: object) -> ImageFetcher:
