@@ -4,9 +4,9 @@
 #   bash deploy/gpu-bench.sh        (in the repository root; the datasets at ../shared/datasets)
 #
 # It installs the project from pyproject.toml into var/gpu-venv (torch 2.14.1's Linux wheels on
-# PyPI carry CUDA), starts a RabbitMQ on 127.0.0.1 where none answers, checks fp16 against
-# fp32 on the same photos (tests/worker/test_batching.py, CUDA only), then runs the
-# benchmark. Figures go to $OUT (the device tool's folder) or out/gpu-bench/.
+# PyPI carry CUDA), starts a RabbitMQ on 127.0.0.1 where none answers, compares fp16 with
+# fp32 on the same photos (`enrich bench precision`, and tests/worker/test_batching.py's CUDA
+# test), then runs the benchmark. Figures go to $OUT (the device tool's folder) or out/gpu-bench/.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -49,8 +49,10 @@ fi
 export HF_HUB_OFFLINE=1 ENRICH_MODELS__DEVICE=cuda ENRICH_METRICS_PORT=0
 export ENRICH_BATCH__MAX_SIZE=${ENRICH_BATCH__MAX_SIZE:-16}
 
-# 3. Mixed precision against fp32 on the same photos.
+# 3. Mixed precision against fp32 on the same photos: each stage's figures, and the check
+#    that only the stages kept float32 by default move.
 say "fp16 against fp32"
+"$venv/bin/enrich" bench precision --json --data "$datasets" --photos 32 >"$out/precision.json"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
     "tests/worker/test_batching.py::test_float16_on_cuda_matches_float32_on_the_same_photos" \
     | tee "$out/mixed-precision.txt"

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from schemas.settings import Stage as Stage
+
 RGBImage = npt.NDArray[np.uint8]
 """A decoded photo as displayed (EXIF rotation applied): (H, W, 3) uint8, RGB."""
-
-
-class Stage(StrEnum):
-    SEGMENTATION = "segmentation"
-    TAGGING = "tagging"
-    EMBEDDING = "embedding"
 
 
 class StageError(Exception):

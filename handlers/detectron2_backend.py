@@ -153,8 +153,8 @@ class Detectron2Segmenter:
         masks = instances.pred_masks.numpy() if instances.has("pred_masks") else None
         return make_segmentation(
             pred_masks=None if masks is None else masks.astype(bool),
-            mask_scores=instances.scores.numpy(),
-            pred_boxes=instances.pred_boxes.tensor.numpy(),
+            mask_scores=instances.scores.float().numpy(),
+            pred_boxes=instances.pred_boxes.tensor.float().numpy(),
             pred_classes=[self.classes[int(i)] for i in instances.pred_classes],
             image_size=image_size,
         )

@@ -244,8 +244,9 @@ class TorchvisionSegmenter:
         labels = output["labels"].cpu().numpy()
         return make_segmentation(
             pred_masks=masks,
-            mask_scores=output["scores"].cpu().numpy(),
-            pred_boxes=output["boxes"].cpu().numpy(),
+            # float() since autocast may leave them float16 or bfloat16 (no numpy type).
+            mask_scores=output["scores"].float().cpu().numpy(),
+            pred_boxes=output["boxes"].float().cpu().numpy(),
             pred_classes=[self.classes[label - 1] for label in labels],
             image_size=image_size,
         )

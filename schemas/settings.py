@@ -16,6 +16,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+class Stage(StrEnum):
+    """The model stages of an enrichment (the image embedding comes from the tagging pass)."""
+
+    SEGMENTATION = "segmentation"
+    TAGGING = "tagging"
+    EMBEDDING = "embedding"
+
+
 class SegmentationBackend(StrEnum):
     TORCHVISION = "torchvision"
     DETECTRON2 = "detectron2"
@@ -103,6 +111,11 @@ class BatchSettings(BaseModel):
     mixed_precision: bool = Field(
         default=True, description="float16 autocast on CUDA; CPU stages always run float32."
     )
+    full_precision_stages: list[Stage] = Field(
+        default_factory=list,
+        description="Stages that stay float32 under mixed precision, where `enrich bench "
+        "precision` finds that float16 moves their results.",
+    )
     task_time_limit_s: float = Field(
         default=900.0,
         gt=0,
@@ -135,6 +148,10 @@ class BatchSettings(BaseModel):
                 "consumer_timeout (and this setting with it)"
             )
         return self
+
+    def mixed_for(self, stage: Stage) -> bool:
+        """Whether `stage` runs under mixed precision (on CUDA; CPU runs float32)."""
+        return self.mixed_precision and stage not in self.full_precision_stages
 
     def longest_unacked_s(self) -> float:
         """The longest a task message can stay unacknowledged: a retry's countdown, during

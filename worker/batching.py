@@ -30,9 +30,9 @@ import structlog
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-from schemas.settings import BatchSettings
+from schemas.settings import BatchSettings, Stage
 from worker.errors import TransientFault
-from worker.models import Models
+from worker.models import MODEL_STAGES, Models
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +77,11 @@ def precision(device: torch.device, *, mixed: bool, cpu_dtype: torch.dtype | Non
     if mixed and device.type == "cpu" and cpu_dtype is not None:
         return torch.autocast("cpu", dtype=cpu_dtype)
     return contextlib.nullcontext()
+
+
+def _precision_of(stage: Stage, device: torch.device, settings: BatchSettings) -> Callable[[], Any]:
+    """The autocast context of `stage`'s batches, as `Batcher` takes it."""
+    return lambda: precision(device, mixed=settings.mixed_for(stage))
 
 
 @dataclass
@@ -269,7 +274,7 @@ def batched_models(
                 getattr(stage, method),
                 max_size=settings.max_size,
                 max_wait_s=settings.max_wait_ms / 1000,
-                context=lambda: precision(device, mixed=settings.mixed_precision),
+                context=_precision_of(MODEL_STAGES[stage_field.name], device, settings),
             )
             setattr(wrapped, method, batcher)
             batchers.append(batcher)

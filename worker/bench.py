@@ -96,6 +96,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             "batch_max_size": batch_size,
             "batch_max_wait_ms": settings.batch.max_wait_ms,
             "mixed_precision": settings.batch.mixed_precision,
+            "full_precision_stages": [str(stage) for stage in settings.batch.full_precision_stages],
             "pool": "threads",
             "concurrency": concurrency,
             "photos": len(products),
@@ -139,7 +140,7 @@ def measure_stages(
 
     figures = {}
     for stage, unit, call, items in _stage_calls(models, pixels, texts):
-        with precision(device, mixed=settings.batch.mixed_precision):
+        with precision(device, mixed=settings.batch.mixed_for(Stage(stage))):
             single, batched = _best_items_per_s(call, items, (1, batch_size))
         figures[stage] = {
             "unit": unit,

@@ -434,6 +434,41 @@ def bench(
     raise typer.Exit(print_bench(get_settings(), config, as_json=as_json))
 
 
+@bench_app.command("precision")
+def bench_precision(
+    data: Annotated[Path, typer.Option(help="The shared datasets folder.")] = DEFAULT_CCP.parent,
+    photos: Annotated[int, typer.Option(min=1, help="Product photos to compare on.")] = 32,
+    cpu_dtype: Annotated[
+        str | None,
+        typer.Option(help="On a CPU, autocast to this dtype (bfloat16) to run the comparison."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Each stage under mixed precision against float32 on the same photos, and the stages
+    to keep float32 (ENRICH_BATCH__FULL_PRECISION_STAGES)."""
+    import torch
+
+    from worker.precision import print_precision_check, run_precision_check
+
+    _setup_logging()
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cpu_dtype is not None and cpu_dtype not in dtypes:
+        raise typer.BadParameter(
+            f"{cpu_dtype!r}; allowed: {', '.join(dtypes)}", param_hint="--cpu-dtype"
+        )
+    try:
+        report = run_precision_check(
+            get_settings(),
+            data,
+            photos=photos,
+            cpu_dtype=None if cpu_dtype is None else dtypes[cpu_dtype],
+        )
+    except ValueError as exc:
+        typer.echo(f"enrich: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    print_precision_check(report, as_json=as_json)
+
+
 @bench_app.command("similarity")
 def bench_similarity(
     rows: Annotated[int, typer.Option(help="Synthetic products to load.")] = 100_000,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from handlers.base import ModelLoadError
+from handlers.base import ModelLoadError, Stage
 from handlers.embedding import TextEmbedder, default_embedding_model_dir
 from handlers.image_embedding import ImageEmbedder
 from handlers.segmentation import Segmenter, load_segmenter
@@ -15,6 +15,15 @@ from schemas.settings import ModelSettings, SegmentationBackend
 
 _lock = threading.Lock()
 _loaded: Models | None = None
+
+
+MODEL_STAGES = {
+    "segmenter": Stage.SEGMENTATION,
+    "tagger": Stage.TAGGING,
+    "embedder": Stage.EMBEDDING,
+    "image_embedder": Stage.TAGGING,
+}
+"""The stage each field of `Models` serves (image vectors come from the tagging pass)."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ runner = CliRunner()
         ["status"],
         ["bench"],
         ["bench", "similarity"],
+        ["bench", "precision"],
     ],
 )
 def test_every_command_explains_itself_with_help(command: list[str]) -> None:
