@@ -17,6 +17,9 @@ from worker.intake import IntakeStep
 from worker.logging import configure_logging
 from worker.signals import connect as connect_signals
 
+_MAIN_PID = os.getpid()
+"""The worker's main process: prefork's pool processes are forked from it and inherit this."""
+
 app = Celery("catalog_enrichment", include=["worker.tasks"])
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(IntakeStep)
@@ -57,13 +60,16 @@ def _load_models_after_fork(**_: Any) -> None:
     """Each pool process loads its own models once, after the fork (CUDA cannot cross it).
 
     A model that cannot load stops the whole worker: a pool that respawns processes which
-    cannot work would only take messages and hand them back.
+    cannot work would only take messages and hand them back. The solo pool sends this signal
+    in the main process itself, which `_load_models_in_threads_pool` serves instead.
     """
     from worker.tasks import process_resources
 
+    if os.getpid() == _MAIN_PID:
+        return
     try:
         process_resources()
     except ModelLoadError:
         structlog.get_logger(__name__).critical("worker_cannot_start", exc_info=True)
-        os.kill(os.getppid(), signal.SIGTERM)
+        os.kill(_MAIN_PID, signal.SIGTERM)
         raise
