@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from schemas.settings import REPO_ROOT, get_settings
 from worker.errors import DeadLetterKind
+
+if TYPE_CHECKING:
+    import pydantic
 
 
 class _Cli(typer.Typer):
@@ -33,6 +36,7 @@ def _fixable(exc: Exception) -> str | None:
     import amqp.exceptions
     import kombu.exceptions
     import psycopg
+    import pydantic
     from pydantic_settings import SettingsError
 
     from handlers.base import ModelLoadError
@@ -40,6 +44,8 @@ def _fixable(exc: Exception) -> str | None:
     from worker.local import BrokerUnreachable
 
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    if isinstance(exc, psycopg.OperationalError) and (exc.sqlstate or "FATAL:" in first_line):
+        return f"the database at ENRICH_DATABASE_URL refused the connection: {first_line}"
     if isinstance(exc, psycopg.OperationalError):
         return f"the database at ENRICH_DATABASE_URL does not answer: {first_line}"
     if isinstance(exc, psycopg.ProgrammingError) and "connection" in str(exc):
@@ -53,11 +59,57 @@ def _fixable(exc: Exception) -> str | None:
     if isinstance(exc, ModelLoadError):
         return f"cannot load the models: {first_line}"
     if isinstance(exc, SettingsError):
-        return (
-            f"a setting cannot be read: {first_line} (list settings take JSON, "
-            """e.g. ENRICH_IMAGES__HTTPS_HOSTS='["images.shop.example"]')"""
-        )
+        return _unreadable_setting(first_line)
+    if isinstance(exc, pydantic.ValidationError) and exc.title == "Settings":
+        return _invalid_setting(exc)
     return None
+
+
+def _invalid_setting(exc: pydantic.ValidationError) -> str:
+    """The first setting pydantic refused: its variable, the value received, what is allowed."""
+    from worker.errors import preview
+
+    error = exc.errors(include_url=False)[0]
+    path = [str(part) for part in error["loc"] if isinstance(part, str)]
+    name = "ENRICH_" + "__".join(path).upper()
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and "ENRICH_" in message:
+        return f"settings do not fit together: {message}"
+    return f"{name} received {preview(error['input'])}; allowed: {message}"
+
+
+def _unreadable_setting(first_line: str) -> str:
+    """pydantic-settings names only the group (`batch`) of a variable that is not JSON; name
+    the variables of that group that hold a list or a mapping and are not JSON."""
+    import json
+    import re
+    import typing
+
+    from pydantic import BaseModel
+
+    from schemas.settings import Settings
+
+    found = re.search(r'field "(\w+)"', first_line)
+    group = Settings.model_fields.get(found.group(1)) if found else None
+    model = group.annotation if group is not None else None
+    culprits = []
+    if found and isinstance(model, type) and issubclass(model, BaseModel):
+        prefix = f"ENRICH_{found.group(1).upper()}__"
+        for name, value in sorted(os.environ.items()):
+            field = model.model_fields.get(name.removeprefix(prefix).lower())
+            if not name.startswith(prefix) or field is None:
+                continue
+            if typing.get_origin(field.annotation) not in (list, dict):
+                continue
+            try:
+                json.loads(value)
+            except ValueError:
+                culprits.append(f"{name}={value!r}")
+    named = ", ".join(culprits) or first_line
+    return (
+        f"a setting cannot be read: {named} (list settings take JSON, "
+        """e.g. ENRICH_IMAGES__HTTPS_HOSTS='["images.shop.example"]')"""
+    )
 
 
 app = _Cli(

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from worker.cli import app
+from worker.local import LocalStack
 
 runner = CliRunner()
 
@@ -90,7 +91,26 @@ def _enrich(*arguments: str, **environment: str) -> subprocess.CompletedProcess[
             {"ENRICH_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//"},
             "ENRICH_BROKER_URL",
         ),
-        (["migrate"], {"ENRICH_IMAGES__HTTPS_HOSTS": "images.shop.example"}, "JSON"),
+        (
+            ["migrate"],
+            {"ENRICH_IMAGES__HTTPS_HOSTS": "images.shop.example"},
+            "ENRICH_IMAGES__HTTPS_HOSTS='images.shop.example' (list settings take JSON",
+        ),
+        (
+            ["dlq", "list"],
+            {"ENRICH_BATCH__FULL_PRECISION_STAGES": '["bogus"]'},
+            "ENRICH_BATCH__FULL_PRECISION_STAGES received 'bogus'; allowed: ",
+        ),
+        (
+            ["worker"],
+            {"ENRICH_BATCH__TASK_TIME_LIMIT_S": "-1"},
+            "ENRICH_BATCH__TASK_TIME_LIMIT_S received '-1'",
+        ),
+        (
+            ["dlq", "list"],
+            {"ENRICH_BATCH__TASK_TIME_LIMIT_S": "1700"},
+            "ENRICH_BATCH__CONSUMER_TIMEOUT_S",
+        ),
     ],
 )
 def test_a_bad_setting_is_told_in_one_line_that_names_it(
@@ -110,3 +130,15 @@ def test_dlq_replay_refuses_a_kind_no_message_is_parked_under() -> None:
     assert result.exit_code == 2
     assert "invalid_event" in result.output
     assert "abandoned_backfill_chunk" in result.output
+
+
+def test_a_database_that_answers_with_a_refusal_is_told_apart_from_one_that_does_not_answer(
+    stack: LocalStack,
+) -> None:
+    url = stack.settings.database_url.get_secret_value().rsplit("/", 1)[0] + "/no_such_database"
+
+    finished = _enrich("migrate", ENRICH_DATABASE_URL=url)
+
+    assert finished.returncode == 2
+    assert "ENRICH_DATABASE_URL refused the connection" in finished.stderr
+    assert "no_such_database" in finished.stderr
