@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -127,6 +128,27 @@ bench_app = typer.Typer(help="Benchmarks: the worker (`enrich bench`) and simila
 app.add_typer(bench_app, name="bench")
 
 DEFAULT_CCP = REPO_ROOT.parent / "shared" / "datasets" / "ccp"
+
+
+class AutocastDtype(StrEnum):
+    """torch dtypes `enrich bench precision --cpu-dtype` autocasts to."""
+
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+DatasetsFolder = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        exists=True,
+        file_okay=False,
+        help="The shared datasets folder, holding ccp/ and clothing-small/.",
+    ),
+]
+CcpFolder = Annotated[
+    Path, typer.Option("--data", exists=True, file_okay=False, help="The CCP dataset folder.")
+]
 
 
 def _setup_logging() -> None:
@@ -324,7 +346,7 @@ def expand(
 
 @app.command()
 def demo(
-    data: Annotated[Path, typer.Option(help="The shared datasets folder.")] = DEFAULT_CCP.parent,
+    data: DatasetsFolder = DEFAULT_CCP.parent,
     products: Annotated[int, typer.Option(min=1, help="How many products to enrich.")] = 24,
     keep_servers: Annotated[
         bool, typer.Option(help="Leave Postgres and S3 running and print how to reach them.")
@@ -466,7 +488,7 @@ def status(
 @bench_app.callback(invoke_without_command=True)
 def bench(
     ctx: typer.Context,
-    data: Annotated[Path, typer.Option(help="The shared datasets folder.")] = DEFAULT_CCP.parent,
+    data: DatasetsFolder = DEFAULT_CCP.parent,
     events: Annotated[int, typer.Option(help="Events through the whole worker.")] = 200,
     photos: Annotated[int, typer.Option(help="Photos the stages are timed on.")] = 32,
     concurrency: Annotated[
@@ -488,11 +510,11 @@ def bench(
 
 @bench_app.command("precision")
 def bench_precision(
-    data: Annotated[Path, typer.Option(help="The shared datasets folder.")] = DEFAULT_CCP.parent,
+    data: DatasetsFolder = DEFAULT_CCP.parent,
     photos: Annotated[int, typer.Option(min=1, help="Product photos to compare on.")] = 32,
     cpu_dtype: Annotated[
-        str | None,
-        typer.Option(help="On a CPU, autocast to this dtype (bfloat16) to run the comparison."),
+        AutocastDtype | None,
+        typer.Option(help="On a CPU, autocast to this dtype to run the comparison."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
@@ -503,17 +525,12 @@ def bench_precision(
     from worker.precision import print_precision_check, run_precision_check
 
     _setup_logging()
-    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cpu_dtype is not None and cpu_dtype not in dtypes:
-        raise typer.BadParameter(
-            f"{cpu_dtype!r}; allowed: {', '.join(dtypes)}", param_hint="--cpu-dtype"
-        )
     try:
         report = run_precision_check(
             get_settings(),
             data,
             photos=photos,
-            cpu_dtype=None if cpu_dtype is None else dtypes[cpu_dtype],
+            cpu_dtype=None if cpu_dtype is None else getattr(torch, cpu_dtype),
         )
     except ValueError as exc:
         typer.echo(f"enrich: {exc}", err=True)
@@ -563,7 +580,7 @@ def bench_similarity(
 
 @app.command("eval")
 def evaluate(
-    data: Annotated[Path, typer.Option(help="The CCP dataset folder.")] = DEFAULT_CCP,
+    data: CcpFolder = DEFAULT_CCP,
     coco: Annotated[
         Path | None, typer.Option(help="A COCO instance-segmentation file, instead of CCP.")
     ] = None,
@@ -621,7 +638,7 @@ def evaluate(
 
 @train_app.command("segmenter")
 def train_segmenter(
-    data: Annotated[Path, typer.Option(help="The CCP dataset folder.")] = DEFAULT_CCP,
+    data: CcpFolder = DEFAULT_CCP,
     out: Annotated[Path, typer.Option(help="Model folder to write.")] = REPO_ROOT
     / "models/segmenter",
     epochs: Annotated[int, typer.Option()] = 4,
@@ -667,7 +684,7 @@ def train_segmenter(
 
 @train_app.command("tagger")
 def train_tagger(
-    data: Annotated[Path, typer.Option(help="The CCP dataset folder.")] = DEFAULT_CCP,
+    data: CcpFolder = DEFAULT_CCP,
     out: Annotated[Path, typer.Option(help="Model folder to write.")] = REPO_ROOT / "models/tagger",
     epochs: Annotated[int, typer.Option(help="Epochs of the whole network.")] = 3,
     freeze_epochs: Annotated[int, typer.Option(help="Head-only epochs first.")] = 3,

@@ -138,14 +138,15 @@ def run_demo(data: Path, *, products: int, keep_servers: bool) -> int:
         _print_stage_times(completions)
         _print_similarity(stack, chosen)
         _render(stack, completions, out)
+
+        enriched = sum(1 for c in completions if c["status"] == "enriched")
+        failed = sum(1 for c in completions if c["status"] == "failed")
+        elapsed = time.monotonic() - started
+        print(f"enriched {enriched}/{len(chosen)} products ({failed} failed) in {elapsed:.0f} s")
         if keep_servers:
             _print_environment(stack)
             wait_for_stop()
 
-    enriched = sum(1 for c in completions if c["status"] == "enriched")
-    failed = sum(1 for c in completions if c["status"] == "failed")
-    elapsed = time.monotonic() - started
-    print(f"enriched {enriched}/{len(chosen)} products ({failed} failed) in {elapsed:.0f} s")
     return 0 if enriched == len(chosen) else 1
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kombu import Connection, Consumer, Message, Queue
+from kombu.utils.url import maybe_sanitize_url
 from pydantic import SecretStr
 
 from schemas.events import EventType
@@ -35,8 +36,9 @@ LOCAL_S3_KEY = "local"
 class BrokerUnreachable(RuntimeError):
     def __init__(self, url: str) -> None:
         super().__init__(
-            f"no RabbitMQ answers at {url}. Start one (Debian: `apt-get install rabbitmq-server`"
-            " then `rabbitmq-server -detached`) or point ENRICH_BROKER_URL at yours."
+            f"no RabbitMQ answers at {maybe_sanitize_url(url)}. Start one (Debian: "
+            "`apt-get install rabbitmq-server` then `rabbitmq-server -detached`) or point "
+            "ENRICH_BROKER_URL at yours."
         )
 
 

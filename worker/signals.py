@@ -72,6 +72,9 @@ def _task_heartbeat(**_: Any) -> None:
 def _task_finished(**_: Any) -> None:
     metrics.consumer_heartbeat(Consumer.TASKS)
     metrics.gpu_memory()
+    # The task's ids end with it: a solo pool runs tasks in the thread that later logs the
+    # worker's own events, such as its shutdown.
+    structlog.contextvars.clear_contextvars()
 
 
 def _process_exited(pid: int | None = None, **_: Any) -> None:

@@ -142,3 +142,11 @@ def test_a_database_that_answers_with_a_refusal_is_told_apart_from_one_that_does
     assert finished.returncode == 2
     assert "ENRICH_DATABASE_URL refused the connection" in finished.stderr
     assert "no_such_database" in finished.stderr
+
+
+def test_the_demo_without_a_broker_names_its_url_without_the_password() -> None:
+    finished = _enrich("demo", ENRICH_BROKER_URL="amqp://guest:s3cret@127.0.0.1:1//")
+
+    assert finished.returncode == 2
+    assert "amqp://guest:**@127.0.0.1:1//" in finished.stderr
+    assert "s3cret" not in finished.stderr
