@@ -12,6 +12,7 @@ from celery import Celery, signals
 
 from handlers.base import ModelLoadError
 from schemas.settings import get_settings
+from worker.errors import TransientFault
 from worker.health import HealthStep
 from worker.intake import IntakeStep
 from worker.logging import configure_logging
@@ -53,6 +54,16 @@ def _load_models_or_stop() -> None:
     except ModelLoadError:
         structlog.get_logger(__name__).critical("worker_cannot_start", exc_info=True)
         os.kill(os.getpid(), signal.SIGTERM)
+    except TransientFault as exc:
+        _log_servers_unavailable(exc)
+
+
+def _log_servers_unavailable(exc: TransientFault) -> None:
+    """A server down at start is no reason to stop: readiness says so, and each task sets
+    up again, the models already loaded, and retries until the server is back."""
+    structlog.get_logger(__name__).warning(
+        "worker_started_without_servers", reason=str(exc), outcome="tasks_retry"
+    )
 
 
 @signals.worker_process_init.connect
@@ -73,3 +84,5 @@ def _load_models_after_fork(**_: Any) -> None:
         structlog.get_logger(__name__).critical("worker_cannot_start", exc_info=True)
         os.kill(_MAIN_PID, signal.SIGTERM)
         raise
+    except TransientFault as exc:
+        _log_servers_unavailable(exc)

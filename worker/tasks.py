@@ -49,19 +49,22 @@ def process_resources() -> Resources:
             batched, _ = batching.batched_models(
                 models, settings.batch, device=resolve_device(settings.models.device)
             )
-            _resources = Resources(
+            resources = Resources(
                 settings=settings,
                 models=batched,
                 s3_client=client,
                 fetcher=ImageFetcher(client, settings.s3, settings.images),
             )
-            embedder = _resources.models.embedder
-            image_embedder = _resources.models.image_embedder
-            with _resources.database() as conn:
+
+            # Kept only once the indexes exist: a database down now is tried again by the
+            # next task, the models already loaded.
+            embedder, image_embedder = batched.embedder, batched.image_embedder
+            with resources.database() as conn:
                 database.ensure_embedding_index(conn, embedder.model_version, embedder.dimension)
                 database.ensure_embedding_index(
                     conn, image_embedder.model_version, image_embedder.dimension
                 )
+            _resources = resources
         return _resources
 
 
