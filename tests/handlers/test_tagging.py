@@ -52,8 +52,8 @@ def test_the_shipped_tagger_finds_jeans_on_a_validation_photo_of_jeans(
 ) -> None:
     (tags,) = tagger.tag([jeans_photo])
 
-    top_labels = [label.label for label in tags.labels[:3]]
-    assert "jeans" in top_labels
+    kept = [label.label for label in tags.labels]
+    assert "jeans" in kept, "jeans scored under its calibrated threshold"
 
 
 def test_tags_hold_a_probability_for_every_label_and_sort_the_kept_ones(
