@@ -59,6 +59,13 @@ class ModelSettings(BaseModel):
     mask_score_threshold: float | None = Field(
         default=None, ge=0.0, le=1.0, description="Overrides the segmenter's own threshold."
     )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Threads one model call may use on the CPU (torch.set_num_threads); unset "
+        "keeps torch's default, one per core. With --pool threads the three stages' model "
+        "threads already run side by side: 1 was fastest on 2 cores (docs/sizing.md).",
+    )
 
 
 class S3Settings(BaseModel):

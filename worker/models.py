@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import torch
+
 from handlers.base import ModelLoadError, Stage
 from handlers.embedding import TextEmbedder, default_embedding_model_dir
 from handlers.image_embedding import ImageEmbedder
@@ -63,6 +65,9 @@ def load_models(settings: ModelSettings) -> Models:
 
 
 def _load_models(settings: ModelSettings) -> Models:
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+
     segmenter = load_segmenter(
         settings.segmentation_backend,
         settings.segmenter_dir,
