@@ -81,36 +81,50 @@ def _invalid_setting(exc: pydantic.ValidationError) -> str:
 
 def _unreadable_setting(first_line: str) -> str:
     """pydantic-settings names only the group (`batch`) of a variable that is not JSON; name
-    the variables of that group that hold a list or a mapping and are not JSON."""
-    import json
+    the variables of that group that are."""
     import re
+
+    found = re.search(r'field "(\w+)"', first_line)
+    culprits = _lists_not_json(found.group(1)) if found else []
+    return (
+        f"a setting cannot be read: {', '.join(culprits) or first_line} (list settings take "
+        """JSON, e.g. ENRICH_IMAGES__HTTPS_HOSTS='["images.shop.example"]')"""
+    )
+
+
+def _lists_not_json(group: str) -> list[str]:
+    """`NAME='value'` of each set ENRICH_{GROUP}__* variable whose setting is a list or a
+    mapping and whose value is not JSON."""
+    import json
     import typing
 
     from pydantic import BaseModel
 
     from schemas.settings import Settings
 
-    found = re.search(r'field "(\w+)"', first_line)
-    group = Settings.model_fields.get(found.group(1)) if found else None
-    model = group.annotation if group is not None else None
-    culprits = []
-    if found and isinstance(model, type) and issubclass(model, BaseModel):
-        prefix = f"ENRICH_{found.group(1).upper()}__"
-        for name, value in sorted(os.environ.items()):
-            field = model.model_fields.get(name.removeprefix(prefix).lower())
-            if not name.startswith(prefix) or field is None:
-                continue
-            if typing.get_origin(field.annotation) not in (list, dict):
-                continue
-            try:
-                json.loads(value)
-            except ValueError:
-                culprits.append(f"{name}={value!r}")
-    named = ", ".join(culprits) or first_line
-    return (
-        f"a setting cannot be read: {named} (list settings take JSON, "
-        """e.g. ENRICH_IMAGES__HTTPS_HOSTS='["images.shop.example"]')"""
-    )
+    field = Settings.model_fields.get(group)
+    model = None if field is None else field.annotation
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    prefix = f"ENRICH_{group.upper()}__"
+    structured = {
+        prefix + name.upper()
+        for name, nested in model.model_fields.items()
+        if typing.get_origin(nested.annotation) in (list, dict)
+    }
+
+    def is_json(value: str) -> bool:
+        try:
+            json.loads(value)
+        except ValueError:
+            return False
+        return True
+
+    return [
+        f"{name}={value!r}"
+        for name, value in sorted(os.environ.items())
+        if name in structured and not is_json(value)
+    ]
 
 
 app = _Cli(
