@@ -57,6 +57,18 @@ def publish(stack: LocalStack, *bodies: str) -> None:
         publish_events(connection, stack.settings, bodies)
 
 
+def rows_of(stack: LocalStack, product_id: str) -> tuple[int, int]:
+    """How many enrichments a product has, and how many image rows they hold together."""
+    with database.connect(stack.settings.database_url.get_secret_value()) as conn:
+        counts = conn.execute(
+            "SELECT count(DISTINCT e.enrichment_id), count(i.image_index) FROM enrichments e"
+            " LEFT JOIN images i USING (enrichment_id) WHERE e.product_id = %s",
+            (product_id,),
+        ).fetchone()
+    assert counts is not None
+    return counts[0], counts[1]
+
+
 def event_for(url: str, **changes: Any) -> dict[str, Any]:
     product_id = f"p-{uuid.uuid4().hex[:8]}"
     fields: dict[str, Any] = {"product_id": product_id, "images": [{"url": url}], **changes}
@@ -253,13 +265,7 @@ def test_a_product_published_again_unchanged_is_answered_from_its_first_enrichme
     assert first[0]["reused_from"] is None
     assert second[0]["reused_from"] == event["event_id"]
     assert second[0]["images"] == first[0]["images"]
-    with database.connect(stack.settings.database_url.get_secret_value()) as conn:
-        counts = conn.execute(
-            "SELECT count(DISTINCT e.enrichment_id), count(i.image_index) FROM enrichments e"
-            " LEFT JOIN images i USING (enrichment_id) WHERE e.product_id = %s",
-            (event["product_id"],),
-        ).fetchone()
-    assert counts == (2, 1)
+    assert rows_of(stack, event["product_id"]) == (2, 1)
 
 
 def test_an_event_published_twice_writes_one_set_of_rows_and_one_completion_event(
@@ -274,10 +280,4 @@ def test_an_event_published_twice_writes_one_set_of_rows_and_one_completion_even
 
     assert len([c for c in listener.received if c["causation_id"] == event["event_id"]]) == 1
     assert completions[0]["status"] == "enriched"
-    with database.connect(stack.settings.database_url.get_secret_value()) as conn:
-        counts = conn.execute(
-            "SELECT count(DISTINCT e.enrichment_id), count(i.image_index) FROM enrichments e"
-            " LEFT JOIN images i USING (enrichment_id) WHERE e.product_id = %s",
-            (event["product_id"],),
-        ).fetchone()
-    assert counts == (1, 1)
+    assert rows_of(stack, event["product_id"]) == (1, 1)
