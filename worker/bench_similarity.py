@@ -55,6 +55,9 @@ LATENT_DIMENSION = 32
 NOISE = 0.05
 """Isotropic noise in D dimensions, relative to the unit-length projected latent point."""
 
+EF_SEARCH_SWEEP = (40, 100, 200, 400)
+"""HNSW candidate list sizes the queries are timed at again, for the latency/recall trade."""
+
 _CHUNK = 20_000
 
 
@@ -79,6 +82,16 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class SweepPoint:
+    """The same queries at one `ef_search`."""
+
+    ef_search: int
+    median_ms: float
+    p95_ms: float
+    recall_at_10: float
+
+
+@dataclass(frozen=True)
 class QueryFigures:
     queries: int
     median_ms: float
@@ -89,6 +102,7 @@ class QueryFigures:
     matching_rows: int
     matching_fraction: float
     labels: list[str]
+    ef_search_sweep: list[SweepPoint]
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,7 @@ class BenchResult:
     index_bytes: int
     unfiltered: QueryFigures
     filtered: QueryFigures
+    version_choice_median_ms: float
     settings: dict[str, Any]
     server: dict[str, str]
 
@@ -180,6 +195,7 @@ def run_bench(
             ),
             unfiltered=unfiltered,
             filtered=filtered,
+            version_choice_median_ms=_version_choice_ms(conn),
             settings=_settings(conn, config),
             server=_server(conn),
         )
@@ -208,6 +224,12 @@ def print_bench(
             f"{name:<11} median {figures.median_ms} ms, p95 {figures.p95_ms} ms,"
             f" recall@10 {figures.recall_at_10} (exact search: median {figures.exact_median_ms} ms)"
         )
+        for point in figures.ef_search_sweep:
+            typer.echo(
+                f"{'':<11} ef_search {point.ef_search}: median {point.median_ms} ms,"
+                f" p95 {point.p95_ms} ms, recall@10 {point.recall_at_10}"
+            )
+    typer.echo(f"choosing the model version: median {result.version_choice_median_ms} ms")
     return 0
 
 
@@ -275,7 +297,8 @@ def load_catalog(conn: psycopg.Connection[Any], config: BenchConfig) -> None:
     """COPY the products, enrichments, images, labels and embeddings in one transaction."""
     labels = labels_of(config)
     with conn.transaction(), conn.cursor() as cur:
-        _copy_text(cur, "products (product_id, title)", _product_lines(config))
+        # A product's labels column holds its latest enrichment's labels (migration 0009).
+        _copy_text(cur, "products (product_id, title, labels)", _product_lines(config, labels))
         _copy_text(
             cur,
             "enrichments (enrichment_id, event_id, product_id, status, model_versions)",
@@ -299,10 +322,12 @@ def load_catalog(conn: psycopg.Connection[Any], config: BenchConfig) -> None:
     conn.execute("ANALYZE")
 
 
-def _product_lines(config: BenchConfig) -> Iterator[str]:
+def _product_lines(config: BenchConfig, labels: npt.NDArray[np.int64]) -> Iterator[str]:
     for start in range(0, config.rows, _CHUNK):
-        for product_id in product_ids(start, min(start + _CHUNK, config.rows)):
-            yield f"{product_id}\tbench product {product_id}\n"
+        ids = product_ids(start, min(start + _CHUNK, config.rows))
+        for offset, product_id in enumerate(ids):
+            label = label_name(labels[start + offset])
+            yield f"{product_id}\tbench product {product_id}\t{{{label}}}\n"
 
 
 def _enrichment_lines(config: BenchConfig) -> Iterator[str]:
@@ -390,10 +415,16 @@ def build_index(conn: psycopg.Connection[Any], config: BenchConfig) -> None:
 
 
 def approximate_search(
-    conn: psycopg.Connection[Any], query: npt.NDArray[np.float32], labels: Sequence[str], k: int
+    conn: psycopg.Connection[Any],
+    query: npt.NDArray[np.float32],
+    labels: Sequence[str],
+    k: int,
+    ef_search: int | None = None,
 ) -> list[str]:
-    """The service's query path: similar_to_embedding with its defaults."""
-    request = SimilarityQuery(k=k, labels=list(labels), model_version=MODEL_VERSION)
+    """The service's query path: similar_to_embedding with its defaults, or this ef_search."""
+    request = SimilarityQuery(
+        k=k, labels=list(labels), model_version=MODEL_VERSION, ef_search=ef_search
+    )
     return [found.product_id for found in similarity.similar_to_embedding(conn, query, request)]
 
 
@@ -460,35 +491,75 @@ def _measure(conn: psycopg.Connection[Any], config: BenchConfig, labels: list[st
     queries = Mixture(config).queries(1 if labels else 0, config.warmup + config.queries)
     for query in queries[: config.warmup]:
         approximate_search(conn, query, labels, config.k)
+    timed = queries[config.warmup :]
 
-    approximate_ms: list[float] = []
-    found: list[list[str]] = []
-    for query in queries[config.warmup :]:
-        started = time.perf_counter()
-        found.append(approximate_search(conn, query, labels, config.k))
-        approximate_ms.append((time.perf_counter() - started) * 1000)
+    found, approximate_ms = _searches(conn, timed, labels, config.k)
 
     exact_ms: list[float] = []
-    recalls: list[float] = []
+    truths: list[list[str]] = []
     with exact_searcher(conn, config.dimension, labels) as (matching, exact):
-        for query, approximate in zip(queries[config.warmup :], found, strict=True):
+        for query in timed:
             started = time.perf_counter()
-            truth = exact(query, config.k)
+            truths.append(exact(query, config.k))
             exact_ms.append((time.perf_counter() - started) * 1000)
-            recalls.append(recall(approximate, truth))
+
+    sweep = []
+    for ef_search in EF_SEARCH_SWEEP:
+        swept, swept_ms = _searches(conn, timed, labels, config.k, ef_search)
+        sweep.append(
+            SweepPoint(
+                ef_search=ef_search,
+                median_ms=_percentile(swept_ms, 50),
+                p95_ms=_percentile(swept_ms, 95),
+                recall_at_10=_mean_recall(swept, truths),
+            )
+        )
 
     log.info("bench_queries_done", labels=labels, queries=config.queries)
     return QueryFigures(
         queries=config.queries,
         median_ms=_percentile(approximate_ms, 50),
         p95_ms=_percentile(approximate_ms, 95),
-        recall_at_10=round(float(np.mean(recalls)), 4),
+        recall_at_10=_mean_recall(found, truths),
         exact_median_ms=_percentile(exact_ms, 50),
         exact_p95_ms=_percentile(exact_ms, 95),
         matching_rows=matching,
         matching_fraction=round(matching / config.rows, 5),
         labels=labels,
+        ef_search_sweep=sweep,
     )
+
+
+def _searches(
+    conn: psycopg.Connection[Any],
+    queries: npt.NDArray[np.float32],
+    labels: list[str],
+    k: int,
+    ef_search: int | None = None,
+) -> tuple[list[list[str]], list[float]]:
+    """Each query's results and milliseconds through the service's query path."""
+    found: list[list[str]] = []
+    elapsed_ms: list[float] = []
+    for query in queries:
+        started = time.perf_counter()
+        found.append(approximate_search(conn, query, labels, k, ef_search))
+        elapsed_ms.append((time.perf_counter() - started) * 1000)
+    return found, elapsed_ms
+
+
+def _mean_recall(found: Sequence[Sequence[str]], truths: Sequence[Sequence[str]]) -> float:
+    recalls = [recall(approximate, truth) for approximate, truth in zip(found, truths, strict=True)]
+    return round(float(np.mean(recalls)), 4)
+
+
+def _version_choice_ms(conn: psycopg.Connection[Any], calls: int = 20) -> float:
+    """Median time of choosing the model version, which a query naming none pays first."""
+    elapsed_ms = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        conn.execute("SELECT * FROM similarity_model_version('text')").fetchall()
+        elapsed_ms.append((time.perf_counter() - started) * 1000)
+    return _percentile(elapsed_ms, 50)
 
 
 def recall(found: Sequence[str], truth: Sequence[str]) -> float:

@@ -34,6 +34,11 @@ def test_reports_build_time_latency_and_recall_unfiltered_and_with_a_one_percent
         assert 0 < figures["median_ms"] <= figures["p95_ms"]
         assert 0 < figures["exact_median_ms"] <= figures["exact_p95_ms"]
         assert 0.0 <= figures["recall_at_10"] <= 1.0
+        sweep = figures["ef_search_sweep"]
+        assert [point["ef_search"] for point in sweep] == [40, 100, 200, 400]
+        assert all(0 < point["median_ms"] <= point["p95_ms"] for point in sweep)
+        assert sweep[-1]["recall_at_10"] >= sweep[0]["recall_at_10"]
+    assert result["version_choice_median_ms"] > 0
     assert result["unfiltered"]["matching_rows"] == 3000
     assert result["filtered"]["labels"] == ["group-00"]
     assert result["filtered"]["matching_rows"] == 30

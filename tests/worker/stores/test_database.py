@@ -271,3 +271,38 @@ def test_a_failed_enrichment_is_never_reused(conn) -> None:  # type: ignore[no-u
     found = database.reusable_enrichment(conn, rows.product.product_id, INPUTS, VERSIONS)
 
     assert found is None
+
+
+def test_a_products_labels_are_those_of_its_latest_enriched_enrichment(conn) -> None:  # type: ignore[no-untyped-def]
+    first = rows_for(f"p-{uuid.uuid4().hex[:6]}", np.ones(4), input_sha256=INPUTS)
+    retagged_image = first.completed.images[0].model_copy(
+        update={"labels": [LabelResult(label="skirt", score=0.7)]}
+    )
+    retagged = dataclasses.replace(event_of(first, images=[retagged_image]), input_sha256="ef" * 32)
+    failure = dataclasses.replace(
+        event_of(first, status=Status.FAILED, images=[], reason="unreadable"),
+        embedding=None,
+        error_kind="unreadable_image",
+    )
+    product_id = first.product.product_id
+
+    def labels() -> list[str]:
+        row = conn.execute(
+            "SELECT labels FROM products WHERE product_id = %s", (product_id,)
+        ).fetchone()
+        assert row is not None
+        return list(row[0])
+
+    database.write_enrichment(conn, first)
+    after_first = labels()
+    database.write_enrichment(conn, retagged)
+    after_retagging = labels()
+    database.write_enrichment(conn, failure)
+    after_failure = labels()
+    database.write_enrichment(conn, event_of(retagged))
+    after_reuse = labels()
+
+    assert after_first == ["jeans", "shoes"]
+    assert after_retagging == ["skirt"]
+    assert after_failure == ["skirt"]  # a failure leaves the last enriched results in place
+    assert after_reuse == ["skirt"]
