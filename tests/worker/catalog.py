@@ -41,13 +41,11 @@ def add_products(
     labels: Mapping[str, Sequence[str]] | None = None,
     attributes: Mapping[str, Sequence[str]] | None = None,
     space: str = "text",
-    before_0009: bool = False,
 ) -> None:
     """One enriched enrichment per product with one image, its labels and its embedding.
 
     `embeddings` maps product ids to (D,) vectors of `space`; a product already present gets
     another enrichment, so that a second model version (or space) can be added later.
-    `before_0009` writes the rows as a worker did before migration 0009 (no product labels).
     """
     labels = labels or {}
     attributes = attributes or {}
@@ -79,8 +77,6 @@ def add_products(
                 " embedding, enrichment_id, space) VALUES (%s, 'emb', %s, %s, %s, %s, %s)",
                 (product_id, model_version, len(embedding), embedding, enrichment_id, space),
             )
-        if not before_0009:
-            cur.execute("SELECT refresh_product_labels(%s)", (list(embeddings),))
 
 
 def _fetch_id(cur: psycopg.Cursor[Any]) -> int:

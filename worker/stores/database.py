@@ -160,9 +160,6 @@ def write_enrichment(
         if rows.reused_enrichment_id is None:
             _insert_results(conn, enrichment_id, rows)
 
-        # Label filters read the product's labels from its row (migration 0009).
-        conn.execute("SELECT refresh_product_labels(%s)", ([rows.product.product_id],))
-
     return WrittenEnrichment(enrichment_id, rows)
 
 

@@ -285,6 +285,7 @@ def test_a_products_labels_are_those_of_its_latest_enriched_enrichment(conn) -> 
         error_kind="unreadable_image",
     )
     product_id = first.product.product_id
+    conn.autocommit = True  # each write commits: the labels are set when it does
 
     def labels() -> list[str]:
         row = conn.execute(

@@ -92,7 +92,6 @@ def test_migration_0009_fills_labels_and_version_counts_from_rows_written_before
                 "emb@1",
                 random_embeddings(5, 8),
                 labels={"p-0000": ["jeans", "denim"], "p-0001": ["skirt"]},
-                before_0009=True,
             )
 
         applied = database.migrate(url)

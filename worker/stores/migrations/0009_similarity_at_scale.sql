@@ -9,10 +9,8 @@
 -- here, through a GIN index, like attribute filters read `attributes`.
 ALTER TABLE products ADD COLUMN labels text[] NOT NULL DEFAULT '{}';
 
--- Sets `labels` of these products from their latest enriched enrichments. Whoever writes
--- enrichments or labels calls it in the same transaction, after the rows are in
--- (worker.stores.database.write_enrichment); a product without an enriched enrichment gets
--- none.
+-- Sets `labels` of these products from their latest enriched enrichments; a product without
+-- one gets none.
 CREATE FUNCTION refresh_product_labels(product_ids text[]) RETURNS void
 LANGUAGE sql AS $$
     UPDATE products p SET labels = current.labels
@@ -28,6 +26,23 @@ LANGUAGE sql AS $$
     ) AS current
     WHERE p.product_id = current.product_id AND p.labels IS DISTINCT FROM current.labels
 $$;
+
+-- An enriched enrichment refreshes its product's labels when its transaction commits, after
+-- its labels are in, whoever wrote it: a worker of the previous release still running while
+-- this one rolls out included. A failed enrichment leaves them as they were.
+CREATE FUNCTION refresh_labels_of_enriched_product() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM refresh_product_labels(ARRAY[NEW.product_id]);
+    RETURN NULL;
+END
+$$;
+
+CREATE CONSTRAINT TRIGGER enrichments_refresh_product_labels
+    AFTER INSERT OR UPDATE OF status, reused_enrichment_id, created_at ON enrichments
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW WHEN (NEW.status = 'enriched')
+    EXECUTE FUNCTION refresh_labels_of_enriched_product();
 
 WITH latest AS (
     SELECT DISTINCT ON (n.product_id)
