@@ -19,35 +19,27 @@ The stages run before the worker starts, so that the two never compete for the m
 
 from __future__ import annotations
 
-import gc
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
-import torch
 from kombu import Connection
 
 from handlers.base import Stage
-from handlers.embedding import product_text
-from handlers.segmentation import resolve_device
 from schemas.events import EventType, ProductCreated, ProductImage
 from schemas.settings import Settings
-from worker.batching import precision
+from worker.bench_stages import BenchProduct, bench_products, machine, measure_stages
 from worker.events import publish_events
 from worker.local import CompletionListener, LocalStack, local_stack, worker_process
-from worker.models import Models, load_models
 from worker.stores import objects
-from worker.stores.images import decode_image
 
 log = structlog.get_logger(__name__)
 
@@ -64,18 +56,6 @@ class BenchConfig:
     """Task threads of the worker; unset means twice the batch size."""
     warmup_events: int | None = None
     """Events enriched before the clock starts; unset means one batch."""
-
-
-@dataclass(frozen=True)
-class _Product:
-    title: str
-    description: str
-    attributes: list[str]
-    photo: Path
-
-    @property
-    def text(self) -> str:
-        return product_text(self.title, self.description, self.attributes)
 
 
 def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
@@ -108,103 +88,8 @@ def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
     }
 
 
-def bench_products(datasets: Path, count: int) -> list[_Product]:
-    """`count` product photos from clothing-small's validation split, every class in turn."""
-    root = datasets / "clothing-small" / "validation"
-    if not root.is_dir():
-        raise FileNotFoundError(f"no product photos at {root}; expected clothing-small there")
-    per_class = [sorted(folder.glob("*.jpg")) for folder in sorted(root.iterdir())]
-    photos = [photo for row in zip(*per_class, strict=False) for photo in row][:count]
-
-    products = []
-    for photo in photos:
-        kind = photo.parent.name.replace("-", " ")
-        title = f"Classic {kind}"
-        description = f"A {kind} on a plain background, as listed in a shop."
-        products.append(_Product(title, description, [kind], photo))
-    return products
-
-
-def measure_stages(
-    settings: Settings, products: Sequence[_Product], batch_size: int
-) -> dict[str, dict[str, Any]]:
-    """Items per second of each stage at batch size 1 and at `batch_size`, and the ratio."""
-    models = load_models(settings.models)
-    device = resolve_device(settings.models.device)
-    images = [
-        decode_image(str(p.photo), p.photo.read_bytes(), max_pixels=settings.images.max_pixels)
-        for p in products
-    ]
-    pixels = [image.pixels for image in images]
-    texts = [product.text for product in products]
-
-    figures = {}
-    for stage, unit, call, items in _stage_calls(models, pixels, texts):
-        with precision(device, mixed=settings.batch.mixed_for(Stage(stage))):
-            single, batched = _best_items_per_s(call, items, (1, batch_size))
-        figures[stage] = {
-            "unit": unit,
-            "items": len(items),
-            "batch_size": batch_size,
-            "batch_1_per_s": round(single, 3),
-            "batched_per_s": round(batched, 3),
-            "ratio": round(batched / single, 3),
-        }
-        log.info("stage_benchmarked", stage=stage, **figures[stage])
-
-    del models
-    gc.collect()
-    return figures
-
-
-def _stage_calls(
-    models: Models, pixels: list[Any], texts: list[str]
-) -> list[tuple[str, str, Callable[[list[Any]], Any], list[Any]]]:
-    """The calls `worker.enrichment` makes per event: the tagger's single forward pass gives
-    tags and image embeddings where it has `tag_and_embed`."""
-    tagger = models.tagger
-    tag = getattr(tagger, "tag_and_embed", None) or tagger.tag
-    return [
-        (str(Stage.SEGMENTATION), "images", models.segmenter.segment, pixels),
-        (str(Stage.TAGGING), "images", tag, pixels),
-        (str(Stage.EMBEDDING), "texts", models.embedder.embed, texts),
-    ]
-
-
-STAGE_ROUNDS = 3
-
-
-def _best_items_per_s(
-    call: Callable[[list[Any]], Any], items: list[Any], batch_sizes: tuple[int, ...]
-) -> list[float]:
-    """Items per second over `items` at each batch size: the best of `STAGE_ROUNDS` passes,
-    the sizes taking turns, after one untimed pass each. The first pass over new input
-    shapes is slower (kernel choices are cached per shape), and on a shared machine the
-    best pass is the one least disturbed; taking turns spreads any disturbance over both."""
-    passes = {size: _batches(items, size) for size in batch_sizes}
-    for batches in passes.values():
-        _timed_pass(call, batches)
-
-    best = dict.fromkeys(batch_sizes, 0.0)
-    for _ in range(STAGE_ROUNDS):
-        for size, batches in passes.items():
-            best[size] = max(best[size], len(items) / _timed_pass(call, batches))
-    return [best[size] for size in batch_sizes]
-
-
-def _batches(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
-
-
-def _timed_pass(call: Callable[[list[Any]], Any], batches: list[list[Any]]) -> float:
-    started = time.perf_counter()
-    for batch in batches:
-        call(batch)
-    return time.perf_counter() - started
-
-
 def measure_worker(
-    settings: Settings, products: Sequence[_Product], config: BenchConfig, concurrency: int
+    settings: Settings, products: Sequence[BenchProduct], config: BenchConfig, concurrency: int
 ) -> dict[str, Any]:
     """The whole worker on `config.events` events, after a warm-up."""
     warmup = config.warmup_events or settings.batch.max_size
@@ -282,18 +167,6 @@ def peak_rss_bytes(pid: int) -> int:
     return total
 
 
-def machine(settings: Settings) -> dict[str, Any]:
-    device = resolve_device(settings.models.device)
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def print_bench(settings: Settings, config: BenchConfig, *, as_json: bool) -> int:
     result = run_bench(settings, config)
     if as_json:
@@ -320,7 +193,7 @@ def print_bench(settings: Settings, config: BenchConfig, *, as_json: bool) -> in
 
 
 def _upload_events(
-    stack: LocalStack, products: Sequence[_Product], count: int
+    stack: LocalStack, products: Sequence[BenchProduct], count: int
 ) -> list[ProductCreated]:
     client = objects.make_client(stack.settings.s3)
     objects.ensure_bucket(client, IMAGE_BUCKET)

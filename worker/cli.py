@@ -522,6 +522,32 @@ def bench(
     raise typer.Exit(print_bench(get_settings(), config, as_json=as_json))
 
 
+@bench_app.command("stages")
+def bench_stages(
+    data: DatasetsFolder = DEFAULT_CCP.parent,
+    photos: Annotated[int, typer.Option(min=1, help="Photos the stages are timed on.")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Each model stage alone, at batch size 1 and at ENRICH_BATCH__MAX_SIZE, without the
+    worker: no broker, database or S3 server is needed."""
+    import json
+
+    from worker.bench_stages import run_stages_bench
+
+    _setup_logging()
+    result = run_stages_bench(get_settings(), data, photos)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for stage, figures in result["stages"].items():
+        typer.echo(
+            f"{stage:<14} {figures['batch_1_per_s']:>8.2f} {figures['unit']}/s at batch 1,"
+            f" {figures['batched_per_s']:>8.2f} at {figures['batch_size']}"
+            f" (x{figures['ratio']:.2f})"
+        )
+    typer.echo(f"stages alone   {result['stages_alone_events_per_s']:.3f} events/s")
+
+
 @bench_app.command("precision")
 def bench_precision(
     data: DatasetsFolder = DEFAULT_CCP.parent,

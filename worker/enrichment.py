@@ -37,7 +37,8 @@ from worker import metrics
 from worker.errors import TransientFault
 from worker.models import Models
 from worker.stores import database, objects, outbox
-from worker.stores.images import DecodedImage, ImageFetcher, decode_image
+from worker.stores.fetch import ImageFetcher
+from worker.stores.images import DecodedImage, decode_image
 
 log = structlog.get_logger(__name__)
 

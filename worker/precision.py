@@ -26,7 +26,7 @@ from handlers.base import RGBImage, Segmentation, Stage, Tags
 from handlers.segmentation import resolve_device
 from schemas.settings import Settings
 from worker.batching import precision
-from worker.bench import bench_products, machine
+from worker.bench_stages import bench_products, machine
 from worker.models import Models, load_models
 from worker.stores.images import decode_image
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from schemas.settings import Settings
 from worker.stores import database, objects
-from worker.stores.images import ImageFetcher, decode_image
+from worker.stores.fetch import ImageFetcher
+from worker.stores.images import decode_image
 
 _COLOURS = np.array(
     [

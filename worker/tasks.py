@@ -23,7 +23,7 @@ from worker.errors import DeadLetterKind, InvalidEvent, TransientFault, Unreadab
 from worker.events import dead_letter
 from worker.models import get_models
 from worker.stores import database, deletion, objects
-from worker.stores.images import ImageFetcher
+from worker.stores.fetch import ImageFetcher
 
 log = structlog.get_logger(__name__)
 

@@ -238,7 +238,7 @@ def test_float16_on_cuda_matches_float32_on_the_same_photos(pixels: list[Any]) -
 def test_each_task_thread_gets_its_own_database_connection(stack: Any) -> None:
     from worker.enrichment import Resources
     from worker.stores import objects
-    from worker.stores.images import ImageFetcher
+    from worker.stores.fetch import ImageFetcher
 
     settings = stack.settings
     client = objects.make_client(settings.s3)

@@ -22,7 +22,7 @@ from worker.enrichment import Enrichment, Resources, commit, enrich
 from worker.local import CompletionListener, LocalStack
 from worker.models import Models, load_models
 from worker.stores import objects
-from worker.stores.images import ImageFetcher
+from worker.stores.fetch import ImageFetcher
 
 BUCKET = "catalog-images"
 COUNTED = {"segmenter": "segment", "tagger": "tag_and_embed", "embedder": "embed"}

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from handlers.base import Stage
 from schemas.settings import get_settings
 from worker.batching import precision
-from worker.bench import bench_products
+from worker.bench_stages import bench_products
 from worker.cli import app
 from worker.models import Models, load_models
 from worker.precision import compare_precision, holds

@@ -11,7 +11,7 @@ from schemas.settings import ImageSettings, S3Settings
 from tests.tls import HttpsServer as Server
 from tests.tls import https_server
 from worker.errors import UnreadableImage
-from worker.stores.images import ImageFetcher
+from worker.stores.fetch import ImageFetcher
 
 PHOTO = b"\x89PNG pretend image bytes"
 
