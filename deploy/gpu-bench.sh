@@ -1,66 +1,188 @@
 #!/usr/bin/env bash
-# `enrich bench --json` with CUDA on a fresh GPU machine, within 5 minutes.
+# The GPU figures of docs/benchmarks.md, on a machine lent through the device tool (an H200).
 #
-#   bash deploy/gpu-bench.sh        (in the repository root; the datasets at ../shared/datasets)
+# That machine reaches nothing outside it (no PyPI, no ../shared), runs the image's own
+# Python 3.12 with torch, torchvision, transformers and timm, and takes at most 64 MiB per
+# call, the working tree (about 29 MiB, the demo models included) counted in. So the run is
+# prepared here and the rest travels in three calls:
 #
-# It installs the project from pyproject.toml into var/gpu-venv (torch 2.14.1's Linux wheels on
-# PyPI carry CUDA), starts a RabbitMQ on 127.0.0.1 where none answers, compares fp16 with
-# fp32 on the same photos (`enrich bench precision`, and tests/worker/test_batching.py's CUDA
-# test), then runs the benchmark. Figures go to $OUT (the device tool's folder) or out/gpu-bench/.
+#   here     bash deploy/gpu-bench.sh pack
+#            var/device/bundle    wheels of what the image lacks, 64 product photos or more, the
+#                                 manifest and last part of all-MiniLM-L6-v2's weights
+#            var/device/minilm-1  the other two parts, each below the limit
+#            var/device/minilm-2
+#   device   run(command="bash deploy/gpu-bench.sh check", carry=["var/device/bundle"])
+#            run(command="true", carry=["var/device/minilm-1"])
+#            run(command="bash deploy/gpu-bench.sh run", carry=["var/device/minilm-2"],
+#                timeout_s=420)
+#
+# Each call must come within 30 s of the last: a warm machine keeps what earlier calls
+# carried, a fresh one starts bare (then begin again with the first). var/ is ignored by git:
+# the photos copied there serve the device call only and are never committed.
+#
+# `check` installs the wheels and imports everything the run needs (seconds); `run` does it
+# again where needed, joins the weights, checks their sha256 and writes to $OUT:
+#   precision.json   each stage under float16 against float32 on the same 32 photos
+#   stages-16.json   each stage alone at batch 1 and 16, float16 where it holds
+#   stages-32.json   the same at batch 32
+#   stages-fp32.json batch 16 with mixed precision off
+#   nvidia-smi.csv
+# The whole worker (RabbitMQ, Postgres, S3) cannot travel within the limit: end-to-end
+# figures come from `enrich bench` on a machine with the servers (docs/benchmarks.md).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+mode=${1:-}
+device_dir=var/device
+bundle=$device_dir/bundle
 started=$SECONDS
-out=${OUT:-out/gpu-bench}
-datasets=${DATASETS:-../shared/datasets}
-venv=${VENV:-var/gpu-venv}
-python=${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3)}
-mkdir -p "$out"
-
 say() { echo "[$((SECONDS - started)) s] $*" >&2; }
 
-# 1. The project and its test runner, from the project's own files.
-if [ ! -x "$venv/bin/enrich" ]; then
-    say "installing into $venv with $python"
-    "$python" -m venv "$venv"
-    "$venv/bin/pip" install --quiet --upgrade "pip>=24"
-    "$venv/bin/pip" install --quiet -e ".[local]" "pytest>=8"
-fi
-"$venv/bin/python" - <<'EOF'
-import torch
-if not torch.cuda.is_available():
-    raise SystemExit(f"torch {torch.__version__} sees no CUDA device; this script needs one")
-print(f"CUDA device: {torch.cuda.get_device_name(0)}")
+# Distributions the stages import that the device image lacks (its list: the device tool's
+# KINDS.md), at the versions installed here. timm travels although the image has one: the
+# tagger's fastai export pickles timm modules, which must unpickle as they were saved.
+LACKING=(
+    pydantic pydantic-core annotated-types typing-inspection pydantic-settings python-dotenv
+    structlog timm fastai fastcore fastprogress fastdownload fasttransform plum-dispatch beartype
+    python-fasthtml starlette itsdangerous python-multipart pytz
+    celery kombu amqp billiard vine click-didyoumean click-repl click-plugins prompt-toolkit
+    wcwidth
+)
+MAX_CARRY=$((64 * 1024 * 1024))
+
+pack() {
+    local python=${PACK_PYTHON:-.venv/bin/python}
+    local datasets=${DATASETS:-../shared/datasets}
+    local pyver=${DEVICE_PYTHON_VERSION:-3.12}
+    rm -rf "$device_dir"
+    mkdir -p "$bundle/wheels" "$bundle/minilm" "$device_dir/minilm-1" "$device_dir/minilm-2"
+
+    say "wheels for Python $pyver"
+    local specs=()
+    for name in "${LACKING[@]}"; do
+        specs+=("$name==$("$python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
+    done
+    "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$pyver" \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d "$bundle/wheels" "${specs[@]}"
+
+    say "64 product photos from $datasets"
+    "$python" - "$datasets" "$bundle/datasets" <<'EOF'
+import shutil, sys
+from pathlib import Path
+from worker.bench_stages import bench_products
+source, target = Path(sys.argv[1]), Path(sys.argv[2])
+# Whole rows of the classes' interleave, so that the copy gives back at least 64 photos.
+classes = sum(1 for folder in (source / "clothing-small" / "validation").iterdir())
+for product in bench_products(source, -(-64 // classes) * classes):
+    copy = target / product.photo.relative_to(source)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(product.photo, copy)
 EOF
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/nvidia-smi.csv" || true
 
-# 2. A broker: the benchmark's worker consumes from RabbitMQ at 127.0.0.1:5672.
-broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
-if ! broker_up; then
-    if ! command -v rabbitmq-server >/dev/null; then
-        say "installing rabbitmq-server"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server
+    say "all-MiniLM-L6-v2 in three parts"
+    local model
+    model=$("$python" -c "from handlers.embedding import default_embedding_model_dir as d; print(d())")
+    cp -r "$model/." "$bundle/minilm/"
+    rm "$bundle/minilm/model.safetensors"
+    sha256sum "$model/model.safetensors" | cut -d' ' -f1 >"$bundle/minilm/model.safetensors.sha256"
+    # Two parts as large as a call can carry beside the tree, the rest with the bundle.
+    local tree_bytes room
+    tree_bytes=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s |
+        awk '{total += $1} END {print total}')
+    room=$((MAX_CARRY - tree_bytes - 1024 * 1024))
+    dd if="$model/model.safetensors" of="$device_dir/minilm-1/part-1" bs=1M iflag=count_bytes \
+        count="$room" status=none
+    dd if="$model/model.safetensors" of="$device_dir/minilm-2/part-2" bs=1M \
+        iflag=skip_bytes,count_bytes skip="$room" count="$room" status=none
+    dd if="$model/model.safetensors" of="$bundle/minilm/part-3" bs=1M iflag=skip_bytes \
+        skip=$((2 * room)) status=none
+
+    for carried in "$bundle" "$device_dir/minilm-1" "$device_dir/minilm-2"; do
+        local bytes
+        bytes=$(du -sb "$carried" | cut -f1)
+        say "$carried: $((bytes / 1024 / 1024)) MiB, with the tree $(((bytes + tree_bytes) / 1024 / 1024)) MiB"
+        if [ $((bytes + tree_bytes)) -gt $MAX_CARRY ]; then
+            echo "$carried and the working tree exceed the device tool's 64 MiB" >&2
+            exit 1
+        fi
+    done
+}
+
+site=${DEVICE_SITE:-/tmp/enrich-site}
+python=${PYTHON:-python3}
+
+install() {
+    if [ ! -f "$site/.installed" ]; then
+        say "installing $(ls "$bundle/wheels" | wc -l) wheels into $site"
+        "$python" -m pip install --quiet --no-index --no-deps --no-compile --upgrade \
+            --target "$site" "$bundle"/wheels/*.whl
+        touch "$site/.installed"
     fi
-    rabbitmq-server -detached
-    for _ in $(seq 60); do broker_up && break; sleep 1; done
-    broker_up || { echo "RabbitMQ did not start on 127.0.0.1:5672" >&2; exit 1; }
-fi
+    export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+    "$python" - <<'EOF'
+import importlib, sys
+missing = []
+for module in ("worker.bench_stages", "worker.precision", "worker.cli"):
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        missing.append(f"{module}: {error!r}")
+if missing:
+    raise SystemExit("cannot import what the run needs:\n" + "\n".join(missing))
+import torch
+print(f"python {sys.version.split()[0]}, torch {torch.__version__},"
+      f" CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}")
+EOF
+}
 
-export HF_HUB_OFFLINE=1 ENRICH_MODELS__DEVICE=cuda ENRICH_METRICS_PORT=0
-export ENRICH_BATCH__MAX_SIZE=${ENRICH_BATCH__MAX_SIZE:-16}
+run() {
+    local out=${OUT:-out/gpu-bench} model=/tmp/all-MiniLM-L6-v2
+    mkdir -p "$out"
+    install
 
-# 3. Mixed precision against fp32 on the same photos: each stage's figures, and the check
-#    that only the stages kept float32 by default move.
-say "fp16 against fp32"
-"$venv/bin/enrich" bench precision --json --data "$datasets" --photos 32 >"$out/precision.json"
-"$venv/bin/python" -m pytest -q -p no:cacheprovider \
-    "tests/worker/test_batching.py::test_float16_on_cuda_matches_float32_on_the_same_photos" \
-    | tee "$out/mixed-precision.txt"
+    say "joining all-MiniLM-L6-v2's weights"
+    rm -rf "$model" && cp -r "$bundle/minilm" "$model"
+    cat "$device_dir/minilm-1/part-1" "$device_dir/minilm-2/part-2" "$model/part-3" \
+        >"$model/model.safetensors"
+    rm "$model/part-3" "$model/model.safetensors.sha256"
+    if [ "$(sha256sum "$model/model.safetensors" | cut -d' ' -f1)" != \
+        "$(cat "$bundle/minilm/model.safetensors.sha256")" ]; then
+        echo "the joined weights differ from the packed ones: carry all three parts again" >&2
+        exit 1
+    fi
 
-# 4. The benchmark: whatever is left of the 5 minutes, less a margin to write the files.
-left=$((290 - (SECONDS - started)))
-say "benchmark, at most $left s"
-timeout "$left" "$venv/bin/enrich" bench --json --data "$datasets" --events 200 --photos 64 \
-    >"$out/bench.json" 2>"$out/bench.log"
-cat "$out/bench.json"
-say "done"
+    export HF_HUB_OFFLINE=1 ENRICH_METRICS_PORT=0 ENRICH_MODELS__EMBEDDING_DIR=$model
+    export ENRICH_MODELS__DEVICE=${ENRICH_MODELS__DEVICE:-cuda}
+    local data=$bundle/datasets enrich=("$python" -m worker.cli bench)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/nvidia-smi.csv" ||
+        true
+
+    # ENRICH_MODELS__DEVICE=cpu tries the script out on a machine without a GPU.
+    local on_cpu=()
+    if [ "$ENRICH_MODELS__DEVICE" = cpu ]; then on_cpu=(--cpu-dtype float16); fi
+
+    say "float16 against float32"
+    "${enrich[@]}" precision --json --data "$data" --photos 32 "${on_cpu[@]}" \
+        >"$out/precision.json"
+    say "stages at batch 16"
+    ENRICH_BATCH__MAX_SIZE=16 "${enrich[@]}" stages --json --data "$data" --photos 64 \
+        >"$out/stages-16.json"
+    say "stages at batch 32"
+    ENRICH_BATCH__MAX_SIZE=32 "${enrich[@]}" stages --json --data "$data" --photos 64 \
+        >"$out/stages-32.json"
+    say "stages at batch 16 in float32"
+    ENRICH_BATCH__MAX_SIZE=16 ENRICH_BATCH__MIXED_PRECISION=false "${enrich[@]}" stages --json \
+        --data "$data" --photos 64 >"$out/stages-fp32.json"
+    say "done"
+}
+
+case "$mode" in
+    pack) pack ;;
+    check) install ;;
+    run) run ;;
+    *)
+        echo "usage: bash deploy/gpu-bench.sh pack|check|run (see the top of this file)" >&2
+        exit 2
+        ;;
+esac

@@ -467,7 +467,12 @@ def _load(model_dir: Path, device: torch.device) -> tuple[Any, Any]:
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+        # No Hub kernels: transformers 5 swaps layers for kernels it downloads from the Hub
+        # unless told not to, which would run fetched code and make the vectors depend on
+        # whether the download worked.
+        model = AutoModel.from_pretrained(
+            model_dir, local_files_only=True, dtype=torch.float32, use_kernels=False
+        )
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot load embedding model from {model_dir}: {error}") from error
 
@@ -511,7 +516,11 @@ def _read_json(path: Path, adapter: TypeAdapter[_T]) -> _T:
 
 
 def _model_id(model_dir: Path) -> str:
-    if model_dir.resolve() == default_embedding_model_dir():
+    try:
+        packaged = default_embedding_model_dir()
+    except ImportError:  # the package is not installed, so this folder is not its model
+        return model_dir.resolve().name
+    if model_dir.resolve() == packaged:
         return DEFAULT_EMBEDDING_MODEL_ID
     return model_dir.resolve().name
 

@@ -119,9 +119,11 @@ class BatchSettings(BaseModel):
         default=True, description="float16 autocast on CUDA; CPU stages always run float32."
     )
     full_precision_stages: list[Stage] = Field(
-        default_factory=list,
+        default_factory=lambda: [Stage.TAGGING],
         description="Stages that stay float32 under mixed precision, where `enrich bench "
-        "precision` finds that float16 moves their results.",
+        "precision` finds that float16 moves their results. Tagging by default: in float16 "
+        "its scores, which sit near the per-label thresholds, flip labels on about a third of "
+        "the photos (docs/benchmarks.md).",
     )
     task_time_limit_s: float = Field(
         default=900.0,

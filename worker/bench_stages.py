@@ -49,10 +49,17 @@ def run_stages_bench(settings: Settings, datasets: Path, photos: int) -> dict[st
     if photos < 1:
         raise ValueError(f"photos must be at least 1, got {photos}")
     products = bench_products(datasets, photos)
+    device = resolve_device(settings.models.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
     stages = measure_stages(settings, products, settings.batch.max_size)
+
     alone_s = sum(1 / stage["batched_per_s"] for stage in stages.values())
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {
         "machine": machine(settings),
+        "gpu_peak_memory_mb": None if peak is None else round(peak / 2**20, 1),
         "settings": {
             "batch_max_size": settings.batch.max_size,
             "mixed_precision": settings.batch.mixed_precision,

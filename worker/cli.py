@@ -33,29 +33,23 @@ class _Cli(typer.Typer):
 
 
 def _fixable(exc: Exception) -> str | None:
-    """What to tell about a fault of the settings or the servers they name; None otherwise."""
-    import amqp.exceptions
-    import kombu.exceptions
-    import psycopg
+    """What to tell about a fault of the settings or the servers they name; None otherwise.
+
+    A server library's fault can only come from a library that was imported, and a command
+    that needs no server may run where those libraries are not installed (`enrich bench
+    stages` on a GPU machine): their exception classes are looked up, not imported.
+    """
     import pydantic
     from pydantic_settings import SettingsError
 
     from handlers.base import ModelLoadError
     from worker.errors import TransientFault
-    from worker.local import BrokerUnreachable
 
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-    if isinstance(exc, psycopg.OperationalError) and (exc.sqlstate or "FATAL:" in first_line):
-        return f"the database at ENRICH_DATABASE_URL refused the connection: {first_line}"
-    if isinstance(exc, psycopg.OperationalError):
-        return f"the database at ENRICH_DATABASE_URL does not answer: {first_line}"
-    if isinstance(exc, psycopg.ProgrammingError) and "connection" in str(exc):
-        return f"ENRICH_DATABASE_URL is not a Postgres URL: {first_line}"
-    if isinstance(exc, amqp.exceptions.AccessRefused):
-        return f"the broker refused the user in ENRICH_BROKER_URL: {first_line}"
-    if isinstance(exc, kombu.exceptions.OperationalError | ConnectionError):
-        return f"the broker at ENRICH_BROKER_URL does not answer: {first_line}"
-    if isinstance(exc, TransientFault | BrokerUnreachable):
+    server_fault = _server_fault(exc, first_line)
+    if server_fault is not None:
+        return server_fault
+    if isinstance(exc, TransientFault):
         return first_line
     if isinstance(exc, ModelLoadError):
         return f"cannot load the models: {first_line}"
@@ -63,6 +57,31 @@ def _fixable(exc: Exception) -> str | None:
         return _unreadable_setting(first_line)
     if isinstance(exc, pydantic.ValidationError) and exc.title == "Settings":
         return _invalid_setting(exc)
+    return None
+
+
+def _server_fault(exc: Exception, first_line: str) -> str | None:
+    """A fault of the database or the broker, told by the setting that names the server."""
+    psycopg = sys.modules.get("psycopg")
+    amqp_exceptions = sys.modules.get("amqp.exceptions")
+    kombu_exceptions = sys.modules.get("kombu.exceptions")
+    local = sys.modules.get("worker.local")
+
+    if psycopg is not None and isinstance(exc, psycopg.OperationalError):
+        if exc.sqlstate or "FATAL:" in first_line:
+            return f"the database at ENRICH_DATABASE_URL refused the connection: {first_line}"
+        return f"the database at ENRICH_DATABASE_URL does not answer: {first_line}"
+    is_programming_error = psycopg is not None and isinstance(exc, psycopg.ProgrammingError)
+    if is_programming_error and "connection" in str(exc):
+        return f"ENRICH_DATABASE_URL is not a Postgres URL: {first_line}"
+    if amqp_exceptions is not None and isinstance(exc, amqp_exceptions.AccessRefused):
+        return f"the broker refused the user in ENRICH_BROKER_URL: {first_line}"
+    if kombu_exceptions is not None and isinstance(exc, kombu_exceptions.OperationalError):
+        return f"the broker at ENRICH_BROKER_URL does not answer: {first_line}"
+    if isinstance(exc, ConnectionError):
+        return f"the broker at ENRICH_BROKER_URL does not answer: {first_line}"
+    if local is not None and isinstance(exc, local.BrokerUnreachable):
+        return first_line
     return None
 
 

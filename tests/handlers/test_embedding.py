@@ -322,6 +322,14 @@ def test_the_packaged_model_is_named_and_versioned(embedder: TextEmbedder) -> No
     assert (default_embedding_model_dir() / "model.safetensors").is_file()
 
 
+def test_the_encoder_swaps_no_layer_for_a_hub_kernel(embedder: TextEmbedder) -> None:
+    model = embedder._model
+
+    kernelized = model.use_kernels
+
+    assert kernelized is False
+
+
 def test_another_model_folder_only_changes_the_dimension(tmp_path: Path) -> None:
     folder = tmp_path / "tiny-bert"
     tokenizer = AutoTokenizer.from_pretrained(default_embedding_model_dir(), local_files_only=True)

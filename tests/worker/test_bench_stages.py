@@ -17,7 +17,9 @@ SERVER_LIBRARIES = ("boto3", "botocore", "psycopg", "pgvector", "embedded_postgr
 """What a GPU machine holding only the model libraries lacks (deploy/gpu-bench.sh)."""
 
 
-def test_runs_without_the_broker_database_and_s3_libraries(datasets: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def without_servers(tmp_path: Path) -> dict[str, str]:
+    """An environment in which the server libraries cannot be imported."""
     blocker = tmp_path / "sitecustomize.py"
     blocker.write_text(
         textwrap.dedent(
@@ -41,17 +43,26 @@ def test_runs_without_the_broker_database_and_s3_libraries(datasets: Path, tmp_p
         "HF_HUB_OFFLINE": "1",
     }
     probe = subprocess.run([sys.executable, "-c", "import boto3"], env=env, capture_output=True)
-    assert probe.returncode != 0, "the server libraries must be out of reach for this test"
+    assert probe.returncode != 0, "the server libraries must be out of reach for these tests"
+    return env
 
-    command = ["bench", "stages", "--json", "--photos", "2", "--data", str(datasets)]
 
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", *command],
+def enrich(env: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *arguments],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_runs_without_the_broker_database_and_s3_libraries(
+    datasets: Path, without_servers: dict[str, str]
+) -> None:
+    arguments = ["bench", "stages", "--json", "--photos", "2", "--data", str(datasets)]
+
+    done = enrich(without_servers, *arguments)
 
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
@@ -59,3 +70,17 @@ def test_runs_without_the_broker_database_and_s3_libraries(datasets: Path, tmp_p
     assert all(figures["batch_size"] == 2 for figures in result["stages"].values())
     assert result["stages_alone_events_per_s"] > 0
     assert result["settings"]["photos"] == 2
+    assert result["gpu_peak_memory_mb"] is None  # no GPU here
+
+
+def test_a_model_that_cannot_load_is_told_in_one_line_without_the_server_libraries(
+    datasets: Path, without_servers: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**without_servers, "ENRICH_MODELS__TAGGER_DIR": str(tmp_path / "no-tagger")}
+
+    done = enrich(env, "bench", "stages", "--photos", "1", "--data", str(datasets))
+
+    assert done.returncode == 2
+    assert done.stderr.startswith("enrich: cannot load the models:")
+    assert "no-tagger" in done.stderr
+    assert "Traceback" not in done.stderr
