@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -41,5 +42,5 @@ def default_text(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, list):
-        return "[]" if not value else ",".join(map(str, value))
+        return json.dumps([str(item) for item in value])  # list settings are JSON
     return str(value)
