@@ -307,3 +307,21 @@ def test_a_products_labels_are_those_of_its_latest_enriched_enrichment(conn) -> 
     assert after_retagging == ["skirt"]
     assert after_failure == ["skirt"]  # a failure leaves the last enriched results in place
     assert after_reuse == ["skirt"]
+
+
+def test_removing_the_latest_enrichment_gives_back_the_labels_of_the_one_before(conn) -> None:  # type: ignore[no-untyped-def]
+    first = rows_for(f"p-{uuid.uuid4().hex[:6]}", np.ones(4))
+    retagged_image = first.completed.images[0].model_copy(
+        update={"labels": [LabelResult(label="skirt", score=0.7)]}
+    )
+    conn.autocommit = True
+    database.write_enrichment(conn, first)
+    latest = database.write_enrichment(conn, event_of(first, images=[retagged_image]))
+    assert latest is not None
+
+    conn.execute("DELETE FROM enrichments WHERE enrichment_id = %s", (latest.enrichment_id,))
+
+    row = conn.execute(
+        "SELECT labels FROM products WHERE product_id = %s", (first.product.product_id,)
+    ).fetchone()
+    assert row == (["jeans", "shoes"],)

@@ -16,6 +16,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from tests.worker.catalog import add_products, catalog_database, random_embeddings
+from tests.worker.stores.test_database import VERSIONS, event_of, rows_for
 from worker.local import LocalStack
 from worker.stores import database
 
@@ -136,3 +137,58 @@ def _database_at(last: str, stack: LocalStack) -> Iterator[str]:
     finally:
         with psycopg.connect(url, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_a_model_rolled_back_and_enriched_again_is_queried_again(catalog_url: str) -> None:
+    first = [rows_for(f"p-{index}", np.ones(4)) for index in range(3)]
+    newer = VERSIONS.model_copy(update={"embedding": "emb@2"})
+    rollouts = [first, [event_of(rows, model_versions=newer) for rows in first]]
+    rollouts.append([event_of(rows) for rows in first])  # back to emb@1
+
+    chosen = []
+    with database.connect(catalog_url) as conn:
+        conn.autocommit = True
+        for rollout in rollouts:
+            for rows in rollout:
+                database.write_enrichment(conn, rows)
+            row = conn.execute("SELECT model_version FROM similarity_model_version()").fetchone()
+            chosen.append(None if row is None else row[0])
+
+    assert chosen == ["emb@1", "emb@2", "emb@1"]
+
+
+def test_a_deletion_does_not_wait_for_an_enrichment_writing_other_products_versions(
+    catalog_url: str,
+) -> None:
+    text, image = "sentence-transformers/x:mean@1", "ccp-tagger@1+avgpool"
+    with database.connect(catalog_url) as setup:
+        setup.autocommit = True
+        add_products(setup, text, random_embeddings(2, 8))
+        add_products(setup, image, random_embeddings(2, 4, seed=1), space="image")
+
+    with database.connect(catalog_url) as writer, database.connect(catalog_url) as deleter:
+        writer.execute("SELECT 1")  # a transaction, left open until the end
+        add_products(writer, text, {"p-new": random_embeddings(1, 8)["p-0000"]})
+        deleter.execute("SET lock_timeout = '2s'")
+        deleter.execute("DELETE FROM products WHERE product_id = 'p-0000'")
+        deleter.commit()
+        add_products(writer, image, {"p-new": random_embeddings(1, 4)["p-0000"]}, space="image")
+        writer.commit()
+
+        counts = counted(writer)
+
+    assert counts == {text: 2, image: 2}
+
+
+def test_compacting_the_version_counts_keeps_their_sums(catalog_url: str) -> None:
+    with database.connect(catalog_url) as conn:
+        conn.autocommit = True
+        for index, vector in enumerate(random_embeddings(20, 8).values()):
+            add_products(conn, "emb@1", {f"q-{index}": vector})
+        before = counted(conn)
+        conn.execute("SELECT compact_embedding_versions()")
+        after = counted(conn)
+        rows_left = conn.execute("SELECT count(*) FROM embedding_versions").fetchone()
+
+    assert before == after == {"emb@1": 20}
+    assert rows_left == (1,)

@@ -27,22 +27,26 @@ LANGUAGE sql AS $$
     WHERE p.product_id = current.product_id AND p.labels IS DISTINCT FROM current.labels
 $$;
 
--- An enriched enrichment refreshes its product's labels when its transaction commits, after
--- its labels are in, whoever wrote it: a worker of the previous release still running while
--- this one rolls out included. A failed enrichment leaves them as they were.
-CREATE FUNCTION refresh_labels_of_enriched_product() RETURNS trigger
+-- A written, changed or removed enrichment refreshes its product's labels when its
+-- transaction commits, after its labels are in, whoever wrote it: a worker of the previous
+-- release still running while this one rolls out included. Refreshing is idempotent, so an
+-- enrichment that cannot change them (a new failure) costs one lookup.
+CREATE FUNCTION refresh_labels_of_enrichment_product() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM refresh_product_labels(ARRAY[NEW.product_id]);
+    IF TG_OP = 'DELETE' THEN
+        PERFORM refresh_product_labels(ARRAY[OLD.product_id]);
+    ELSE
+        PERFORM refresh_product_labels(ARRAY[NEW.product_id]);
+    END IF;
     RETURN NULL;
 END
 $$;
 
 CREATE CONSTRAINT TRIGGER enrichments_refresh_product_labels
-    AFTER INSERT OR UPDATE OF status, reused_enrichment_id, created_at ON enrichments
+    AFTER INSERT OR UPDATE OR DELETE ON enrichments
     DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW WHEN (NEW.status = 'enriched')
-    EXECUTE FUNCTION refresh_labels_of_enriched_product();
+    FOR EACH ROW EXECUTE FUNCTION refresh_labels_of_enrichment_product();
 
 WITH latest AS (
     SELECT DISTINCT ON (n.product_id)
@@ -60,78 +64,76 @@ FROM current WHERE p.product_id = current.product_id;
 CREATE INDEX products_labels_idx ON products USING gin (labels);
 
 -- How many products each model version has an embedding for, kept by triggers on
--- `embeddings`, whoever writes it (bulk loads pay one update per statement). Each version
--- has up to 16 rows, one per `shard` (the writing backend's pid modulo 16), so that
--- concurrent writers of one version do not queue on one row; readers sum them.
--- `first_seen` is the earliest `created_at` written; it stays when those rows are deleted.
+-- `embeddings`, whoever writes it (bulk loads pay one row per statement). Writers only ever
+-- append a row of changes per statement and version, so they neither wait for each other nor
+-- deadlock; readers sum the rows, and `compact_embedding_versions()` folds them into one per
+-- version from time to time (a writer does it on about one statement in 64).
 CREATE TABLE embedding_versions (
     model_version text NOT NULL,
-    shard         int NOT NULL,
     space         text NOT NULL,
     dimension     int NOT NULL,
-    num_products  bigint NOT NULL,
-    first_seen    timestamptz NOT NULL,
-    PRIMARY KEY (model_version, shard)
+    num_products  bigint NOT NULL
 );
+CREATE INDEX embedding_versions_space_idx ON embedding_versions (space, model_version);
 
-INSERT INTO embedding_versions (model_version, shard, space, dimension, num_products, first_seen)
-SELECT e.model_version, 0, min(e.space), min(e.dimension), count(*), min(e.created_at)
-FROM embeddings e GROUP BY e.model_version;
+INSERT INTO embedding_versions (model_version, space, dimension, num_products)
+SELECT e.model_version, e.space, min(e.dimension), count(*)
+FROM embeddings e GROUP BY e.model_version, e.space;
+
+-- The first embedding of a version, which the version rule reads, is found through this
+-- index in one step per version; it replaces 0001's index on model_version alone.
+CREATE INDEX embeddings_model_created_idx ON embeddings (model_version, created_at);
+DROP INDEX embeddings_model_idx;
+
+-- One row per version and space; the rows it replaces are deleted in the same transaction,
+-- so readers see either all of them or their sum. Two compactions at once: the second skips.
+CREATE FUNCTION compact_embedding_versions() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(72007009) THEN
+        RETURN;
+    END IF;
+    WITH folded AS (
+        DELETE FROM embedding_versions RETURNING model_version, space, dimension, num_products
+    )
+    INSERT INTO embedding_versions (model_version, space, dimension, num_products)
+    SELECT f.model_version, f.space, min(f.dimension), sum(f.num_products)
+    FROM folded f GROUP BY f.model_version, f.space
+    HAVING sum(f.num_products) <> 0;
+END
+$$;
 
 CREATE FUNCTION count_embedding_versions() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    versions text[];
-    spaces text[];
-    dimensions int[];
-    deltas bigint[];
-    first_seen timestamptz[];
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         DELETE FROM embedding_versions;
         RETURN NULL;
     END IF;
 
-    -- Per version: rows in (NEW TABLE) and out (OLD TABLE). A statement is planned when it
-    -- first runs, so each branch names only the transition tables its trigger has.
+    -- Rows in (NEW TABLE) and out (OLD TABLE) per version and space. A statement is planned
+    -- when it first runs, so each branch names only the transition tables its trigger has.
     IF TG_OP = 'INSERT' THEN
-        SELECT array_agg(w.model_version), array_agg(w.space), array_agg(w.dimension),
-               array_agg(w.n), array_agg(w.first_seen)
-        INTO versions, spaces, dimensions, deltas, first_seen
-        FROM (SELECT model_version, min(space) AS space, min(dimension) AS dimension,
-                     count(*) AS n, min(created_at) AS first_seen
-              FROM written GROUP BY model_version) AS w;
+        INSERT INTO embedding_versions (model_version, space, dimension, num_products)
+        SELECT w.model_version, w.space, min(w.dimension), count(*)
+        FROM written w GROUP BY w.model_version, w.space;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT array_agg(r.model_version), array_agg(r.space), array_agg(r.dimension),
-               array_agg(-r.n), array_agg(now())
-        INTO versions, spaces, dimensions, deltas, first_seen
-        FROM (SELECT model_version, min(space) AS space, min(dimension) AS dimension,
-                     count(*) AS n
-              FROM removed GROUP BY model_version) AS r;
+        INSERT INTO embedding_versions (model_version, space, dimension, num_products)
+        SELECT r.model_version, r.space, min(r.dimension), -count(*)
+        FROM removed r GROUP BY r.model_version, r.space;
     ELSE
-        SELECT array_agg(m.model_version), array_agg(m.space), array_agg(m.dimension),
-               array_agg(m.n), array_agg(m.first_seen)
-        INTO versions, spaces, dimensions, deltas, first_seen
-        FROM (SELECT model_version, min(space) AS space, min(dimension) AS dimension,
-                     sum(delta) AS n, coalesce(min(created_at) FILTER (WHERE delta > 0), now())
-                     AS first_seen
-              FROM (SELECT model_version, space, dimension, created_at, 1 AS delta FROM written
-                    UNION ALL
-                    SELECT model_version, space, dimension, created_at, -1 FROM removed) AS u
-              GROUP BY model_version) AS m;
+        INSERT INTO embedding_versions (model_version, space, dimension, num_products)
+        SELECT m.model_version, m.space, min(m.dimension), sum(m.delta)
+        FROM (SELECT w.model_version, w.space, w.dimension, 1 AS delta FROM written w
+              UNION ALL
+              SELECT r.model_version, r.space, r.dimension, -1 FROM removed r) AS m
+        GROUP BY m.model_version, m.space
+        HAVING sum(m.delta) <> 0;
     END IF;
 
-    -- In version order, so that two statements never lock the same rows in opposite orders.
-    INSERT INTO embedding_versions AS v
-        (model_version, shard, space, dimension, num_products, first_seen)
-    SELECT c.model_version, pg_backend_pid() % 16, c.space, c.dimension, c.delta, c.first_seen
-    FROM unnest(versions, spaces, dimensions, deltas, first_seen)
-        AS c (model_version, space, dimension, delta, first_seen)
-    WHERE c.delta <> 0
-    ORDER BY c.model_version
-    ON CONFLICT (model_version, shard) DO UPDATE
-    SET num_products = v.num_products + excluded.num_products,
-        first_seen = least(v.first_seen, excluded.first_seen);
+    IF random() < 1.0 / 64 THEN
+        PERFORM compact_embedding_versions();
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -150,39 +152,55 @@ CREATE TRIGGER embeddings_counted_on_truncate
     AFTER TRUNCATE ON embeddings
     FOR EACH STATEMENT EXECUTE FUNCTION count_embedding_versions();
 
+-- Products per version and space, and the version's first embedding.
+CREATE FUNCTION embedding_version_counts(space text DEFAULT NULL)
+RETURNS TABLE (model_version text, space text, dimension int, num_products bigint,
+               first_seen timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT v.model_version, v.space, v.dimension, v.num_products, first.created_at
+    FROM (
+        SELECT c.model_version, c.space, min(c.dimension) AS dimension,
+               sum(c.num_products)::bigint AS num_products
+        FROM embedding_versions c
+        WHERE embedding_version_counts.space IS NULL OR c.space = embedding_version_counts.space
+        GROUP BY c.model_version, c.space
+        HAVING sum(c.num_products) > 0
+    ) AS v
+    CROSS JOIN LATERAL (
+        SELECT e.created_at FROM embeddings e
+        WHERE e.model_version = v.model_version AND e.space = v.space
+        ORDER BY e.created_at LIMIT 1
+    ) AS first
+$$;
+
 -- Coverage from the counts; only the catalog's size is still counted here (for people and
 -- dashboards; queries do not read this view any more).
 CREATE OR REPLACE VIEW embedding_coverage AS
 WITH catalog AS (
     SELECT count(DISTINCT product_id) AS num_enriched FROM enrichments WHERE status = 'enriched'
-), versions AS (
-    SELECT v.model_version, min(v.dimension) AS dimension, sum(v.num_products)::bigint AS num_products,
-           min(v.first_seen) AS first_seen, min(v.space) AS space
-    FROM embedding_versions v GROUP BY v.model_version HAVING sum(v.num_products) > 0
 )
-SELECT versions.model_version,
-       versions.dimension,
-       versions.num_products,
+SELECT v.model_version,
+       v.dimension,
+       v.num_products,
        catalog.num_enriched,
-       versions.num_products::float8 / greatest(catalog.num_enriched, 1) AS coverage,
-       versions.first_seen,
-       versions.space
-FROM versions CROSS JOIN catalog;
+       v.num_products::float8 / greatest(catalog.num_enriched, 1) AS coverage,
+       v.first_seen,
+       v.space
+FROM embedding_version_counts() v CROSS JOIN catalog;
 
 -- The rule of 0004 and 0006 without counting the catalog: a product with an embedding has an
 -- enriched enrichment, so no version covers more products than the catalog has, and the
--- versions that cover it all are those with the most products. "The newest that covers the
--- whole catalog, else the one with the highest coverage, the newest on ties" is therefore
--- "the most products, the newest on ties".
+-- versions that cover it all are those with the most products. "The newest (by its first
+-- embedding) that covers the whole catalog, else the one with the highest coverage, the
+-- newest on ties" is therefore "the most products, the newest on ties". A version whose
+-- products are all enriched again (a rollback, say) has its first embedding moved forward by
+-- the rewrite, as before.
 CREATE OR REPLACE FUNCTION similarity_model_version(space text DEFAULT 'text')
 RETURNS TABLE (model_version text, dimension int)
 LANGUAGE sql STABLE AS $$
-    SELECT v.model_version, min(v.dimension)
-    FROM embedding_versions v
-    WHERE v.space = similarity_model_version.space
-    GROUP BY v.model_version
-    HAVING sum(v.num_products) > 0
-    ORDER BY sum(v.num_products) DESC, min(v.first_seen) DESC
+    SELECT v.model_version, v.dimension
+    FROM embedding_version_counts(similarity_model_version.space) v
+    ORDER BY v.num_products DESC, v.first_seen DESC
     LIMIT 1
 $$;
 
