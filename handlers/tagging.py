@@ -144,7 +144,7 @@ class Tagger:
         self.config = TaggerConfig.read(model_dir / CONFIG_FILE)
         _warn_on_version_mismatch(self.config.versions)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self._learner = _load_learner(model_dir, self.config, self.device)
+        self._learner = load_tagger_learner(model_dir, self.config, self.device)
         _check_labels(self._learner, self.config.labels, model_dir)
 
         self.labels = self.config.labels
@@ -227,7 +227,7 @@ class Tagger:
         return Tags(labels=sorted(kept, key=lambda kept_label: -kept_label.score), scores=by_label)
 
 
-def _load_learner(model_dir: Path, config: TaggerConfig, device: torch.device) -> Learner:
+def load_tagger_learner(model_dir: Path, config: TaggerConfig, device: torch.device) -> Learner:
     path = model_dir / EXPORT_FILE
     if not path.is_file():
         raise ModelLoadError(
@@ -238,7 +238,7 @@ def _load_learner(model_dir: Path, config: TaggerConfig, device: torch.device) -
 
     # Workaround: load_learner swallows most ImportErrors and then fails on an unbound name
     # (fastai/fastai#4115); the explaining Unpickler raises before fastai can hide the cause.
-    pickle_module = _explaining_pickle(modules, model_dir / CONFIG_FILE)
+    pickle_module = _explaining_pickle(modules, model_dir / CONFIG_FILE, config.versions)
     try:
         learner = load_learner(path, cpu=device.type == "cpu", pickle_module=pickle_module)
     except ModelLoadError:
@@ -269,15 +269,32 @@ def _import_function_modules(names: Sequence[str], config_path: Path) -> list[Mo
     return modules
 
 
-def _explaining_pickle(function_modules: Sequence[ModuleType], config_path: Path) -> Any:
+BYTECODE_REBUILDERS = {("cloudpickle.cloudpickle", "_make_function")}
+"""What cloudpickle calls to rebuild a function from the bytecode an export holds."""
+
+
+def _explaining_pickle(
+    function_modules: Sequence[ModuleType], config_path: Path, exported: ExportVersions
+) -> Any:
     """A pickle module for torch.load whose Unpickler finds `__main__` names in
-    `function_modules` and names any function or class it cannot find.
+    `function_modules`, names any function or class it cannot find, and refuses functions
+    copied as bytecode of another Python release, which would crash the process when run.
 
     torch.load takes any object with `Unpickler`, `load` and `__name__`.
     """
+    exported_python = _release("python", exported.python)
+    installed_python = _release("python", platform.python_version())
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module_name: str, global_name: str, /) -> Any:
+            rebuilds_bytecode = (module_name, global_name) in BYTECODE_REBUILDERS
+            if rebuilds_bytecode and exported_python != installed_python:
+                raise ModelLoadError(
+                    f"the tagger export beside {config_path} holds functions as bytecode of "
+                    f"Python {exported_python}, which Python {installed_python} cannot run; "
+                    f"export it again under Python {exported_python} with `enrich train "
+                    f"tagger --reexport --out {config_path.parent}`, which writes them by name"
+                )
             if module_name == "__main__":
                 found = _find_in_modules(global_name, function_modules)
                 if found is not None:

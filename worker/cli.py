@@ -767,13 +767,23 @@ def train_tagger(
             "again on the validation photos, in its tagger.json and MODEL_CARD.md."
         ),
     ] = False,
+    reexport: Annotated[
+        bool,
+        typer.Option(
+            help="Do not train: write the export.pkl of the tagger folder --out again with "
+            "every function by name, so that it loads on other Python releases."
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune the fastai multi-label tagger (EfficientNet-Lite0 backbone) on CCP tags,
     then calibrate one threshold per label on the validation photos."""
-    from handlers.training.tagger import calibrate_tagger
+    from handlers.training.tagger import calibrate_tagger, reexport_tagger
     from handlers.training.tagger import train_tagger as train
 
     _setup_logging()
+    if reexport:
+        typer.echo(f"{reexport_tagger(out)} bytes written to {out / 'export.pkl'}")
+        return
     if calibrate_only:
         calibration = calibrate_tagger(
             out, data, default_threshold=threshold, floor=threshold_floor, batch_size=batch_size

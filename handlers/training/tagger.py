@@ -13,7 +13,9 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+import types
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
 
+import cloudpickle
 import fastai.callback.schedule  # noqa: F401 (adds Learner.fine_tune)
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +60,7 @@ from handlers.tagging import (
     Tagger,
     TaggerConfig,
     ThresholdCalibration,
+    load_tagger_learner,
 )
 from handlers.training.ccp import (
     DEFAULT_CCP_ROOT,
@@ -719,13 +723,88 @@ def _start_from_priors(learner: Learner, priors: npt.NDArray[np.float32]) -> Non
     learner.freeze()
 
 
+class NamedCall:
+    """A callable with a `__name__`, standing for the local function fasttransform wraps
+    around a getter that has none (`Transform.__init__.<locals>.wrapped_enc`)."""
+
+    def __init__(self, call: Any, name: str) -> None:
+        self.call = call
+        self.__name__ = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(*args, **kwargs)
+
+
+class _ExportPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no hints
+    """fastai's export pickler, less the Python bytecode it would copy into the export.
+
+    cloudpickle copies a function by value (its bytecode) where it cannot name it: fastai's
+    classmethods such as `PILBase.create` (the class gives a bound method, not the function)
+    and fasttransform's wrapper of a getter without a `__name__`. Bytecode runs only on the
+    Python release that wrote it: on another one it crashes the process (seen: an export of
+    Python 3.11 tagging on 3.12). The first is written by reference, the second as a
+    NamedCall, so that the export loads on any Python that has the same libraries.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.MethodType) and isinstance(obj.__self__, type):
+            name = obj.__func__.__name__
+            if getattr(obj.__self__, name, None) == obj:
+                return getattr, (obj.__self__, name)
+        if isinstance(obj, types.FunctionType):
+            # The installed function, or a copy of it that an earlier export rebuilt.
+            bound = getattr(_owner_class(obj), obj.__name__, None)
+            if isinstance(bound, types.MethodType) and bound.__func__.__code__ == obj.__code__:
+                return getattr, (bound, "__func__")
+        if (
+            isinstance(obj, types.FunctionType)
+            and obj.__qualname__.endswith("<locals>.wrapped_enc")
+            and obj.__closure__
+        ):
+            return NamedCall, (obj.__closure__[0].cell_contents, obj.__name__)
+        return super().reducer_override(obj)
+
+
+def _owner_class(function: types.FunctionType) -> type | None:
+    """The class a function is defined in, found by its module and qualified name."""
+    owner: Any = sys.modules.get(function.__module__)
+    for part in function.__qualname__.split(".")[:-1]:
+        owner = getattr(owner, part, None)
+    return owner if isinstance(owner, type) else None
+
+
+EXPORT_PICKLE = types.SimpleNamespace(Pickler=_ExportPickler, __name__="enrich_export_pickle")
+"""The `pickle_module` of `Learner.export`: torch.save takes its `Pickler`."""
+
+
+def export_learner(learner: Learner, out_dir: Path) -> int:
+    """Write the learner's export.pkl without bytecode; returns its size in bytes."""
+    learner.to_contiguous()
+    learner.path = out_dir
+    # The pickler's own frames deepen the recursion over fastai's nested pipelines.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10_000))
+    try:
+        learner.export(EXPORT_FILE, pickle_module=EXPORT_PICKLE)
+    finally:
+        sys.setrecursionlimit(limit)
+    return (out_dir / EXPORT_FILE).stat().st_size
+
+
+def reexport_tagger(model_dir: Path) -> int:
+    """Load a tagger folder's export and write it again by `export_learner`; the weights and
+    the pipeline stay as they were. Run it under the Python release that wrote the export.
+    Returns the new export's size in bytes."""
+    config = TaggerConfig.model_validate_json((model_dir / CONFIG_FILE).read_text())
+    learner = load_tagger_learner(model_dir, config, torch.device("cpu"))
+    return export_learner(learner, model_dir)
+
+
 def _export(
     learner: Learner, out_dir: Path, name: str, labels: list[str], threshold: float, size: int
 ) -> int:
     """Write export.pkl and tagger.json; returns export.pkl's size in bytes."""
-    learner.to_contiguous()
-    learner.path = out_dir
-    learner.export(EXPORT_FILE)
+    export_learner(learner, out_dir)
 
     config = TaggerConfig(
         name=name,

@@ -419,3 +419,44 @@ def _load_in_a_fresh_process(folder: Path) -> dict[str, Any]:
 
 def _subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _functions_as_bytecode(export: Path) -> int:
+    """How many functions cloudpickle would rebuild from bytecode when loading `export`."""
+    import cloudpickle.cloudpickle as cloudpickle_module
+
+    rebuilt = []
+    make_function = cloudpickle_module._make_function
+
+    def counting(*args: Any) -> Any:
+        rebuilt.append(args[2])
+        return make_function(*args)
+
+    cloudpickle_module._make_function = counting
+    try:
+        torch.load(export, map_location="cpu", weights_only=False)
+    finally:
+        cloudpickle_module._make_function = make_function
+    return len(rebuilt)
+
+
+def test_the_shipped_export_holds_no_python_bytecode() -> None:
+    rebuilt = _functions_as_bytecode(SHIPPED_TAGGER / EXPORT_FILE)
+
+    assert rebuilt == 0
+
+
+def test_an_export_with_bytecode_of_another_python_is_a_model_load_error(
+    notebook_exports: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "tagger"
+    shutil.copytree(notebook_exports / "cloudpickle", folder)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["versions"]["python"] = "3.10.14"
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+
+    with pytest.raises(ModelLoadError) as raised:
+        Tagger(model_dir=folder, device="cpu")
+
+    assert "bytecode of Python 3.10" in str(raised.value)
+    assert "--reexport" in str(raised.value)
