@@ -521,7 +521,15 @@ def status(
 @bench_app.callback(invoke_without_command=True)
 def bench(
     ctx: typer.Context,
-    data: DatasetsFolder = DEFAULT_CCP.parent,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            file_okay=False,
+            help="The shared datasets folder, holding ccp/ and clothing-small/; unset: the "
+            "one beside the checkout.",
+        ),
+    ] = None,
     events: Annotated[int, typer.Option(help="Events through the whole worker.")] = 200,
     photos: Annotated[int, typer.Option(help="Photos the stages are timed on.")] = 32,
     concurrency: Annotated[
@@ -531,13 +539,18 @@ def bench(
 ) -> None:
     """Benchmarks; without a subcommand, the stages alone and the whole worker on real
     photos (local Postgres and S3, the configured RabbitMQ)."""
+    # Checked here, not by the option: a default that must exist would stop every subcommand
+    # on a machine without the datasets beside the checkout (deploy/gpu-bench.sh's).
     if ctx.invoked_subcommand is not None:
         return
+    datasets = data or DEFAULT_CCP.parent
+    if not datasets.is_dir():
+        raise typer.BadParameter(f"{datasets} is not a directory", param_hint="'--data'")
 
     from worker.bench import BenchConfig, print_bench
 
     _setup_logging()
-    config = BenchConfig(datasets=data, events=events, photos=photos, concurrency=concurrency)
+    config = BenchConfig(datasets=datasets, events=events, photos=photos, concurrency=concurrency)
     raise typer.Exit(print_bench(get_settings(), config, as_json=as_json))
 
 

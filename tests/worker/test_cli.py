@@ -3,10 +3,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from worker import cli
 from worker.cli import app
 from worker.local import LocalStack
 
@@ -150,3 +152,16 @@ def test_the_demo_without_a_broker_names_its_url_without_the_password() -> None:
     assert finished.returncode == 2
     assert "amqp://guest:**@127.0.0.1:1//" in finished.stderr
     assert "s3cret" not in finished.stderr
+
+
+def test_bench_subcommands_run_where_no_datasets_lie_beside_the_checkout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(cli, "DEFAULT_CCP", tmp_path / "shared" / "datasets" / "ccp")
+
+    subcommand = runner.invoke(app, ["bench", "stages", "--help"])
+    whole = runner.invoke(app, ["bench", "--json"])
+
+    assert subcommand.exit_code == 0, subcommand.output
+    assert whole.exit_code == 2
+    assert "is not a directory" in whole.output
