@@ -6,29 +6,36 @@
 # call, the working tree (about 29 MiB, the demo models included) counted in. So the run is
 # prepared here and the rest travels in three calls:
 #
-#   here     bash deploy/gpu-bench.sh pack
-#            var/device/bundle    wheels of what the image lacks, 64 product photos or more, the
+#   here     bash deploy/gpu-bench.sh pack    (right before the calls: the parts are sized
+#                                              by the working tree as it is then)
+#            var/device/bundle    wheels of what the image lacks, 70 product photos, the
 #                                 manifest and last part of all-MiniLM-L6-v2's weights
 #            var/device/minilm-1  the other two parts, each below the limit
 #            var/device/minilm-2
-#   device   run(command="bash deploy/gpu-bench.sh check", carry=["var/device/bundle"])
-#            run(command="true", carry=["var/device/minilm-1"])
+#   device   run(command="bash deploy/gpu-bench.sh check", carry=["var/device/bundle"],
+#                timeout_s=240)
+#            run(command="bash deploy/gpu-bench.sh parts", carry=["var/device/minilm-1"])
 #            run(command="bash deploy/gpu-bench.sh run", carry=["var/device/minilm-2"],
-#                timeout_s=420)
+#                timeout_s=480)
+#            give_back()
 #
 # Each call must come within 30 s of the last: a warm machine keeps what earlier calls
-# carried, a fresh one starts bare (then begin again with the first). var/ is ignored by git:
-# the photos copied there serve the device call only and are never committed.
+# carried (each reply says whether it is still `warm`), a fresh one starts bare. Every mode
+# begins by listing the parts that are there; after a cold start carry the missing ones
+# again, in any order, with `run` last. var/ is ignored by git: the photos copied there serve
+# the device call only and are never committed.
 #
-# `check` installs the wheels and imports everything the run needs (seconds); `run` does it
-# again where needed, joins the weights, checks their sha256 and writes to $OUT:
+# `check` installs the wheels, imports what the run needs, and segments and tags one photo
+# on the GPU (about a minute). `run` joins the weights, checks their sha256, and runs four
+# steps, each under its own time limit, going on past a failed one. $OUT gets run.log (the
+# steps' logs) and:
 #   precision.json   each stage under float16 against float32 on the same 32 photos
 #   stages-16.json   each stage alone at batch 1 and 16, float16 where it holds
 #   stages-32.json   the same at batch 32
 #   stages-fp32.json batch 16 with mixed precision off
 #   nvidia-smi.csv
-# The whole worker (RabbitMQ, Postgres, S3) cannot travel within the limit: end-to-end
-# figures come from `enrich bench` on a machine with the servers (docs/benchmarks.md).
+# The whole worker's servers (RabbitMQ, Postgres, S3) do not fit: end-to-end figures come
+# from `enrich bench` on a machine with the servers (docs/benchmarks.md).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -42,11 +49,10 @@ say() { echo "[$((SECONDS - started)) s] $*" >&2; }
 # KINDS.md), at the versions installed here. timm travels although the image has one: the
 # tagger's fastai export pickles timm modules, which must unpickle as they were saved.
 LACKING=(
-    pydantic pydantic-core annotated-types typing-inspection pydantic-settings python-dotenv
-    structlog timm fastai fastcore fastprogress fastdownload fasttransform plum-dispatch beartype
-    python-fasthtml starlette itsdangerous python-multipart pytz
-    celery kombu amqp billiard vine click-didyoumean click-repl click-plugins prompt-toolkit
-    wcwidth
+    pydantic pydantic-core annotated-types typing-inspection typing-extensions pydantic-settings
+    python-dotenv structlog timm fastai fastcore fastprogress fastdownload fasttransform
+    plum-dispatch beartype python-fasthtml starlette itsdangerous python-multipart pytz
+    celery kombu amqp billiard vine
 )
 MAX_CARRY=$((64 * 1024 * 1024))
 
@@ -66,7 +72,7 @@ pack() {
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d "$bundle/wheels" "${specs[@]}"
 
-    say "64 product photos from $datasets"
+    say "70 product photos from $datasets"
     "$python" - "$datasets" "$bundle/datasets" <<'EOF'
 import shutil, sys
 from pathlib import Path
@@ -90,7 +96,7 @@ EOF
     local tree_bytes room
     tree_bytes=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s |
         awk '{total += $1} END {print total}')
-    room=$((MAX_CARRY - tree_bytes - 1024 * 1024))
+    room=$((MAX_CARRY - tree_bytes - 2 * 1024 * 1024))
     dd if="$model/model.safetensors" of="$device_dir/minilm-1/part-1" bs=1M iflag=count_bytes \
         count="$room" status=none
     dd if="$model/model.safetensors" of="$device_dir/minilm-2/part-2" bs=1M \
@@ -111,6 +117,20 @@ EOF
 
 site=${DEVICE_SITE:-/tmp/enrich-site}
 python=${PYTHON:-python3}
+pieces=("$bundle/wheels" "$bundle/minilm/part-3" "$device_dir/minilm-1/part-1"
+    "$device_dir/minilm-2/part-2")
+
+# Which of the carried parts are here; with `all`, fails naming the missing ones.
+parts() {
+    local missing=()
+    for piece in "${pieces[@]}"; do
+        if [ -e "$piece" ]; then say "here: $piece"; else missing+=("$piece"); fi
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "missing: ${missing[*]} (a fresh machine, or not carried yet)"
+        if [ "${1:-}" = all ]; then exit 1; fi
+    fi
+}
 
 install() {
     if [ ! -f "$site/.installed" ]; then
@@ -120,6 +140,8 @@ install() {
         touch "$site/.installed"
     fi
     export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+    export HF_HUB_OFFLINE=1 ENRICH_METRICS_PORT=0
+    export ENRICH_MODELS__DEVICE=${ENRICH_MODELS__DEVICE:-cuda}
     "$python" - <<'EOF'
 import importlib, sys
 missing = []
@@ -136,9 +158,57 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__},"
 EOF
 }
 
+check() {
+    parts
+    install
+    "$python" -m worker.cli bench stages --help >/dev/null
+    say "the segmenter and the tagger on $ENRICH_MODELS__DEVICE, one photo"
+    timeout 180 "$python" - "$bundle/datasets" <<'EOF'
+import sys
+from pathlib import Path
+
+from handlers.segmentation import load_segmenter
+from handlers.tagging import Tagger
+from schemas.settings import get_settings
+from worker.bench_stages import bench_products
+from worker.stores.images import decode_image
+
+models = get_settings().models
+(product,) = bench_products(Path(sys.argv[1]), 1)
+pixels = decode_image(str(product.photo), product.photo.read_bytes(), max_pixels=10**8).pixels
+segmenter = load_segmenter(
+    models.segmentation_backend,
+    models.segmenter_dir,
+    device=models.device,
+    score_threshold=models.mask_score_threshold,
+)
+(segmentation,) = segmenter.segment([pixels])
+(tags,) = Tagger(model_dir=models.tagger_dir, device=models.device).tag([pixels])
+labels = [label.label for label in tags.labels]
+print(f"{product.photo.name}: masks {segmentation.pred_classes}, labels {labels}")
+EOF
+}
+
+failed=()
+
+# One step of the run: its stdout to $out/NAME, the rest to run.log; a failed step is
+# recorded and the next one runs. The limits are an H200's; STEP_TIME_SCALE stretches them
+# (a CPU rehearsal needs about 4).
+step() {
+    local name=$1 limit=$(($2 * ${STEP_TIME_SCALE:-1}))
+    shift 2
+    say "$name"
+    if ! timeout "$limit" "$@" >"$out/$name" 2>>"$out/run.log"; then
+        failed+=("$name")
+        say "$name failed (see run.log)"
+    fi
+}
+
 run() {
-    local out=${OUT:-out/gpu-bench} model=/tmp/all-MiniLM-L6-v2
+    out=${OUT:-out/gpu-bench}
+    local model=/tmp/all-MiniLM-L6-v2
     mkdir -p "$out"
+    parts all
     install
 
     say "joining all-MiniLM-L6-v2's weights"
@@ -148,41 +218,39 @@ run() {
     rm "$model/part-3" "$model/model.safetensors.sha256"
     if [ "$(sha256sum "$model/model.safetensors" | cut -d' ' -f1)" != \
         "$(cat "$bundle/minilm/model.safetensors.sha256")" ]; then
-        echo "the joined weights differ from the packed ones: carry all three parts again" >&2
+        echo "the joined weights differ from the packed ones: pack and carry all parts again" >&2
         exit 1
     fi
-
-    export HF_HUB_OFFLINE=1 ENRICH_METRICS_PORT=0 ENRICH_MODELS__EMBEDDING_DIR=$model
-    export ENRICH_MODELS__DEVICE=${ENRICH_MODELS__DEVICE:-cuda}
-    local data=$bundle/datasets enrich=("$python" -m worker.cli bench)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/nvidia-smi.csv" ||
-        true
+    export ENRICH_MODELS__EMBEDDING_DIR=$model
 
     # ENRICH_MODELS__DEVICE=cpu tries the script out on a machine without a GPU.
-    local on_cpu=()
+    local on_cpu=() data=$bundle/datasets enrich=("$python" -m worker.cli bench)
     if [ "$ENRICH_MODELS__DEVICE" = cpu ]; then on_cpu=(--cpu-dtype float16); fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
+        >"$out/nvidia-smi.csv" 2>>"$out/run.log" || true
 
-    say "float16 against float32"
-    "${enrich[@]}" precision --json --data "$data" --photos 32 "${on_cpu[@]}" \
-        >"$out/precision.json"
-    say "stages at batch 16"
-    ENRICH_BATCH__MAX_SIZE=16 "${enrich[@]}" stages --json --data "$data" --photos 64 \
-        >"$out/stages-16.json"
-    say "stages at batch 32"
-    ENRICH_BATCH__MAX_SIZE=32 "${enrich[@]}" stages --json --data "$data" --photos 64 \
-        >"$out/stages-32.json"
-    say "stages at batch 16 in float32"
-    ENRICH_BATCH__MAX_SIZE=16 ENRICH_BATCH__MIXED_PRECISION=false "${enrich[@]}" stages --json \
-        --data "$data" --photos 64 >"$out/stages-fp32.json"
+    step precision.json 150 "${enrich[@]}" precision --json --data "$data" --photos 32 \
+        "${on_cpu[@]}"
+    step stages-16.json 100 env ENRICH_BATCH__MAX_SIZE=16 "${enrich[@]}" stages --json \
+        --data "$data" --photos 64
+    step stages-32.json 100 env ENRICH_BATCH__MAX_SIZE=32 "${enrich[@]}" stages --json \
+        --data "$data" --photos 64
+    step stages-fp32.json 100 env ENRICH_BATCH__MAX_SIZE=16 ENRICH_BATCH__MIXED_PRECISION=false \
+        "${enrich[@]}" stages --json --data "$data" --photos 64
+    if [ ${#failed[@]} -gt 0 ]; then
+        say "failed: ${failed[*]}"
+        exit 1
+    fi
     say "done"
 }
 
 case "$mode" in
     pack) pack ;;
-    check) install ;;
+    parts) parts ;;
+    check) check ;;
     run) run ;;
     *)
-        echo "usage: bash deploy/gpu-bench.sh pack|check|run (see the top of this file)" >&2
+        echo "usage: bash deploy/gpu-bench.sh pack|parts|check|run (see the top of this file)" >&2
         exit 2
         ;;
 esac
