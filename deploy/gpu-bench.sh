@@ -171,11 +171,11 @@ from handlers.segmentation import load_segmenter
 from handlers.tagging import Tagger
 from schemas.settings import get_settings
 from worker.bench_stages import bench_products
-from worker.stores.images import decode_image
 
-models = get_settings().models
+settings = get_settings()
+models = settings.models
 (product,) = bench_products(Path(sys.argv[1]), 1)
-pixels = decode_image(str(product.photo), product.photo.read_bytes(), max_pixels=10**8).pixels
+pixels = product.pixels(settings.images.max_pixels)
 segmenter = load_segmenter(
     models.segmentation_backend,
     models.segmenter_dir,

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 import torch
 
-from handlers.base import Stage
+from handlers.base import RGBImage, Stage
 from handlers.embedding import product_text
 from handlers.segmentation import resolve_device
 from schemas.settings import Settings
@@ -43,12 +43,15 @@ class BenchProduct:
     def text(self) -> str:
         return product_text(self.title, self.description, self.attributes)
 
+    def pixels(self, max_pixels: int) -> RGBImage:
+        """The photo as the worker decodes it."""
+        return decode_image(str(self.photo), self.photo.read_bytes(), max_pixels=max_pixels).pixels
 
-def run_stages_bench(settings: Settings, datasets: Path, photos: int) -> dict[str, Any]:
-    """The stages' figures on `photos` product photos, with the machine and the settings."""
-    if photos < 1:
-        raise ValueError(f"photos must be at least 1, got {photos}")
-    products = bench_products(datasets, photos)
+
+def run_stages_bench(settings: Settings, products: Sequence[BenchProduct]) -> dict[str, Any]:
+    """The stages' figures on `products`, with the machine and the settings."""
+    if not products:
+        raise ValueError("the stages need at least one product photo")
     device = resolve_device(settings.models.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -94,11 +97,7 @@ def measure_stages(
     """Items per second of each stage at batch size 1 and at `batch_size`, and the ratio."""
     models = load_models(settings.models)
     device = resolve_device(settings.models.device)
-    images = [
-        decode_image(str(p.photo), p.photo.read_bytes(), max_pixels=settings.images.max_pixels)
-        for p in products
-    ]
-    pixels = [image.pixels for image in images]
+    pixels = [product.pixels(settings.images.max_pixels) for product in products]
     texts = [product.text for product in products]
 
     figures = {}

@@ -564,10 +564,10 @@ def bench_stages(
     worker: no broker, database or S3 server is needed."""
     import json
 
-    from worker.bench_stages import run_stages_bench
+    from worker.bench_stages import bench_products, run_stages_bench
 
     _setup_logging()
-    result = run_stages_bench(get_settings(), data, photos)
+    result = run_stages_bench(get_settings(), bench_products(data, photos))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -28,7 +28,6 @@ from schemas.settings import Settings
 from worker.batching import precision
 from worker.bench_stages import bench_products, machine
 from worker.models import Models, load_models
-from worker.stores.images import decode_image
 
 log = structlog.get_logger(__name__)
 
@@ -164,15 +163,12 @@ def run_precision_check(
             "pass --cpu-dtype bfloat16 to run the comparison on the CPU"
         )
     products = bench_products(datasets, photos)
-    pixels = [
-        decode_image(str(p.photo), p.photo.read_bytes(), max_pixels=settings.images.max_pixels)
-        for p in products
-    ]
+    pixels = [product.pixels(settings.images.max_pixels) for product in products]
 
     models = load_models(settings.models)
     report = compare_precision(
         models,
-        [image.pixels for image in pixels],
+        pixels,
         [product.text for product in products],
         lambda: precision(device, mixed=True, cpu_dtype=cpu_dtype),
     )
