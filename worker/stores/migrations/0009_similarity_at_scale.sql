@@ -48,18 +48,7 @@ CREATE CONSTRAINT TRIGGER enrichments_refresh_product_labels
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION refresh_labels_of_enrichment_product();
 
-WITH latest AS (
-    SELECT DISTINCT ON (n.product_id)
-           n.product_id, coalesce(n.reused_enrichment_id, n.enrichment_id) AS holder
-    FROM enrichments n WHERE n.status = 'enriched'
-    ORDER BY n.product_id, n.created_at DESC, n.enrichment_id DESC
-), current AS (
-    SELECT latest.product_id, array_agg(DISTINCT l.label ORDER BY l.label) AS labels
-    FROM latest JOIN labels l ON l.enrichment_id = latest.holder
-    GROUP BY latest.product_id
-)
-UPDATE products p SET labels = current.labels
-FROM current WHERE p.product_id = current.product_id;
+SELECT refresh_product_labels(ARRAY(SELECT product_id FROM products));
 
 CREATE INDEX products_labels_idx ON products USING gin (labels);
 
@@ -74,7 +63,6 @@ CREATE TABLE embedding_versions (
     dimension     int NOT NULL,
     num_products  bigint NOT NULL
 );
-CREATE INDEX embedding_versions_space_idx ON embedding_versions (space, model_version);
 
 INSERT INTO embedding_versions (model_version, space, dimension, num_products)
 SELECT e.model_version, e.space, min(e.dimension), count(*)
