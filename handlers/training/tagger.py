@@ -756,12 +756,8 @@ class _ExportPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle 
             bound = getattr(_owner_class(obj), obj.__name__, None)
             if isinstance(bound, types.MethodType) and bound.__func__.__code__ == obj.__code__:
                 return getattr, (bound, "__func__")
-        if (
-            isinstance(obj, types.FunctionType)
-            and obj.__qualname__.endswith("<locals>.wrapped_enc")
-            and obj.__closure__
-        ):
-            return NamedCall, (obj.__closure__[0].cell_contents, obj.__name__)
+            if obj.__qualname__.endswith("<locals>.wrapped_enc") and obj.__closure__:
+                return NamedCall, (obj.__closure__[0].cell_contents, obj.__name__)
         return super().reducer_override(obj)
 
 
